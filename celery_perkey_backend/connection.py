@@ -1,0 +1,204 @@
+"""Backend URLs, connection settings, shared pools and error translation.
+
+Celery builds one backend instance per thread, so pools are shared deliberately: every
+instance in a process with the same URL and settings uses the same pool.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import redis
+
+from .errors import BackendUnavailableError, ConfigurationError, StoreCommandError
+
+__all__ = [
+    "client_for",
+    "connection_kwargs",
+    "mask_url",
+    "redis_errors",
+    "to_redis_url",
+]
+
+#: Schemes we accept after ``perkey+``, and what redis-py calls them.
+_SCHEMES = {"perkey": "redis", "redis": "redis", "rediss": "rediss", "unix": "unix"}
+
+#: How Celery spells certificate requirements, mapped to what redis-py takes.
+_CERT_REQS = {
+    "cert_required": "required",
+    "cert_optional": "optional",
+    "cert_none": "none",
+    "required": "required",
+    "optional": "optional",
+    "none": "none",
+}
+
+_SECRET_QUERY_ARGS = {"password", "sentinel_password"}
+
+_pools: dict[tuple[str, str], redis.ConnectionPool] = {}
+_pools_lock = threading.Lock()
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``**``, for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:**@", url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:**@{hostinfo}" if colon else f"{userinfo}@{hostinfo}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "**" if k in _SECRET_QUERY_ARGS else v) for k, v in pairs])
+    return _unsplit(parts.scheme, netloc, parts.path, query)
+
+
+def _unsplit(scheme: str, netloc: str, path: str, query: str) -> str:
+    # urlunsplit drops the "//" of an empty host, which unix:///path needs.
+    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
+
+
+def to_redis_url(url: str | None) -> str:
+    """Turn the URL Celery hands us into one redis-py understands.
+
+    ``perkey://h/0`` arrives unchanged and becomes ``redis://h/0``; ``perkey+rediss://``
+    arrives as ``rediss://`` already. Celery spells certificate requirements
+    ``CERT_REQUIRED``; redis-py wants ``required``.
+
+    Raises
+    ------
+    ConfigurationError
+        If the scheme is not one we can connect with.
+    """
+    if not url:
+        return "redis://localhost:6379/0"
+    scheme, sep, rest = url.partition("://")
+    target = _SCHEMES.get(scheme.lower())
+    if not sep or target is None:
+        raise ConfigurationError(
+            f"result_backend {mask_url(url)!r}: unsupported scheme {scheme!r}; use "
+            "perkey://, perkey+redis://, perkey+rediss:// or perkey+unix://"
+        )
+    converted = f"{target}://{rest}"
+    parts = urlsplit(converted)
+    if parts.query:
+        pairs = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key == "ssl_cert_reqs":
+                if value.lower() not in _CERT_REQS:
+                    raise ConfigurationError(
+                        f"result_backend {mask_url(url)!r}: ssl_cert_reqs={value!r} is not one "
+                        "of CERT_REQUIRED, CERT_OPTIONAL, CERT_NONE"
+                    )
+                value = _CERT_REQS[value.lower()]
+            elif key.startswith("ssl_") and target == "redis":
+                raise ConfigurationError(
+                    f"result_backend {mask_url(url)!r}: TLS options need perkey+rediss://"
+                )
+            pairs.append((key, value))
+        converted = _unsplit(parts.scheme, parts.netloc, parts.path, urlencode(pairs))
+    return converted
+
+
+def connection_kwargs(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """Map the ``redis_*`` Celery settings a Redis user already sets to redis-py options.
+
+    Values in the URL's query string win over these, as they do in Celery.
+    """
+    kwargs: dict[str, Any] = {
+        "socket_timeout": _float_or_none(conf.get("redis_socket_timeout")),
+        "socket_connect_timeout": _float_or_none(conf.get("redis_socket_connect_timeout")),
+        "retry_on_timeout": bool(conf.get("redis_retry_on_timeout")),
+        # redis-py caps a pool at 100 unless told otherwise; each blocked waiter holds
+        # a connection, so without a setting we do not cap.
+        "max_connections": conf.get("redis_max_connections") or 2**31,
+    }
+    if conf.get("redis_backend_health_check_interval"):
+        kwargs["health_check_interval"] = conf["redis_backend_health_check_interval"]
+    if conf.get("redis_client_name"):
+        kwargs["client_name"] = conf["redis_client_name"]
+    if conf.get("redis_socket_keepalive"):
+        kwargs["socket_keepalive"] = True
+    if conf.get("redis_username"):
+        kwargs["username"] = conf["redis_username"]
+    if conf.get("redis_password"):
+        kwargs["password"] = conf["redis_password"]
+    ssl = conf.get("redis_backend_use_ssl")
+    if ssl:
+        kwargs.update(ssl)
+        kwargs["connection_class"] = redis.SSLConnection
+        reqs = kwargs.get("ssl_cert_reqs")
+        if isinstance(reqs, str):
+            kwargs["ssl_cert_reqs"] = _CERT_REQS.get(reqs.lower(), reqs)
+    return kwargs
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def client_for(url: str, kwargs: Mapping[str, Any]) -> redis.Redis:
+    """A client on the process-wide pool for ``url`` and ``kwargs``.
+
+    Raises
+    ------
+    ConfigurationError
+        If redis-py rejects the URL or an option; the URL is masked in the message.
+    """
+    ident = (url, repr(sorted(kwargs.items(), key=lambda item: item[0])))
+    with _pools_lock:
+        pool = _pools.get(ident)
+        if pool is None:
+            options = dict(kwargs)
+            if url.startswith("unix://"):
+                # Options that make sense only for TCP.
+                options.pop("socket_keepalive", None)
+            try:
+                pool = redis.ConnectionPool.from_url(url, **options)
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(f"result_backend {mask_url(url)!r}: {exc}") from None
+            _pools[ident] = pool
+    return redis.Redis(connection_pool=pool)
+
+
+@contextmanager
+def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]:
+    """Translate redis-py exceptions into this package's, naming what failed.
+
+    Parameters
+    ----------
+    where:
+        The operation, e.g. ``"store result of task 'abc'"``.
+    url:
+        The server URL; its password is masked.
+    key:
+        The key involved, if there is one.
+
+    Raises
+    ------
+    BackendUnavailableError
+        For lost or refused connections and socket timeouts.
+    StoreCommandError
+        For any other error the server or the client reports.
+    """
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise BackendUnavailableError(
+            f"{where}: Redis at {mask_url(url)} is unavailable: {exc}"
+        ) from exc
+    except redis.RedisError as exc:
+        about = f" (key {key!r})" if key else ""
+        text = str(exc)
+        if "WRONGTYPE" in text:
+            text = "the key holds a value of another type than this backend writes"
+        raise StoreCommandError(f"{where}{about}: {text}") from exc

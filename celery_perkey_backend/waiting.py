@@ -1,0 +1,93 @@
+"""Deadlines and the blocking list commands that waits are made of.
+
+A wait is a series of blocking commands, each shorter than the socket timeout, so a
+long wait never trips redis-py's read timeout (which Celery would log as a lost
+connection). Deadlines are kept on the client's monotonic clock as well, because the
+server rounds blocking timeouts to its own clock tick.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import cast
+
+import redis
+
+__all__ = ["MAX_BLOCK", "MIN_BLOCK", "Deadline", "ListBlocker", "block_cap"]
+
+#: The longest single blocking command. Long waits are made of several, so that a dead
+#: connection is noticed and parent failures of a chain are re-checked between them.
+MAX_BLOCK = 10.0
+
+#: The shortest one: a blocking timeout of 0 means "forever" to the server.
+MIN_BLOCK = 0.01
+
+
+def block_cap(socket_timeout: float | None) -> float:
+    """The longest block that stays safely below the socket timeout."""
+    if socket_timeout is None:
+        return MAX_BLOCK
+    return max(MIN_BLOCK, min(MAX_BLOCK, socket_timeout * 0.8))
+
+
+class Deadline:
+    """An overall deadline shared by every command of one wait.
+
+    Parameters
+    ----------
+    timeout:
+        Seconds from now, or ``None`` to wait forever.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+
+    def remaining(self) -> float | None:
+        """Seconds left, never negative; ``None`` when there is no deadline."""
+        if self._end is None:
+            return None
+        return max(self._end - time.monotonic(), 0.0)
+
+    @property
+    def expired(self) -> bool:
+        left = self.remaining()
+        return left is not None and left <= 0.0
+
+    def block_for(self, cap: float) -> float:
+        """How long the next blocking command may block: at most ``cap``."""
+        left = self.remaining()
+        if left is None:
+            return cap
+        return max(MIN_BLOCK, min(cap, left))
+
+
+class ListBlocker:
+    """Issues the blocking list command of the configured read mode.
+
+    The default rotation ``BLMOVE key key RIGHT LEFT`` returns the one element and
+    leaves the list and its TTL as they were, so one store wakes every waiter.
+    Servers older than 6.2 lack BLMOVE; ``BRPOPLPUSH key key`` does the same there,
+    and is used from the first time the server rejects BLMOVE. ``read_once`` uses
+    ``BRPOP``, which hands the element to exactly one waiter and removes the key.
+    """
+
+    def __init__(self, read_once: bool) -> None:
+        self.read_once = read_once
+        self._blmove = True
+
+    def pop(self, client: redis.Redis, key: str, seconds: float) -> bytes | None:
+        """Block up to ``seconds`` on ``key``; the element, or ``None`` on timeout."""
+        if self.read_once:
+            reply = client.brpop([key], timeout=seconds)
+            return None if reply is None else cast(bytes, reply[1])
+        if self._blmove:
+            try:
+                # redis-py types the timeout as int; the server takes float seconds.
+                moved = client.blmove(key, key, seconds, "RIGHT", "LEFT")  # type: ignore[arg-type]
+                return cast("bytes | None", moved)
+            except redis.ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                self._blmove = False
+        return cast("bytes | None", client.brpoplpush(key, key, seconds))
