@@ -1,0 +1,138 @@
+"""Fixtures: real servers on private ports, Celery apps wired to them, real workers."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from celery_perkey_backend.embedded import EmbeddedServer
+
+_app_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[EmbeddedServer]:
+    """One server for the session; a test that cannot start it fails, never skips."""
+    srv = EmbeddedServer().start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def r(server: EmbeddedServer) -> Iterator[redis.Redis]:
+    """A plain client on db 0, the backend's db, emptied before each test."""
+    client = redis.Redis(port=server.port, db=0)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def backend_url(server: EmbeddedServer) -> str:
+    return f"perkey://127.0.0.1:{server.port}/0"
+
+
+@pytest.fixture
+def make_app(server: EmbeddedServer, r: redis.Redis) -> Callable[..., Celery]:
+    """Build a Celery app using perkey:// on the test server and a Redis broker (db 1)."""
+
+    def factory(backend: str | None = None, **conf: Any) -> Celery:
+        app = Celery(f"perkey_test_{next(_app_names)}", set_as_current=False)
+        app.conf.update(
+            broker_url=f"redis://127.0.0.1:{server.port}/1",
+            result_backend=backend or f"perkey://127.0.0.1:{server.port}/0",
+            task_track_started=True,
+            broker_connection_retry_on_startup=True,
+            worker_hijack_root_logger=False,
+        )
+        app.conf.update(conf)
+        register_tasks(app)
+        return app
+
+    return factory
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Celery]) -> Celery:
+    return make_app()
+
+
+@pytest.fixture
+def worker(app: Celery) -> Iterator[Any]:
+    with running_worker(app) as w:
+        yield w
+
+
+class Boom(Exception):
+    """A custom exception that must come back as its own type."""
+
+
+def register_tasks(app: Celery) -> None:
+    """The tasks every test app knows, defined per app so apps never share state."""
+    import time
+
+    @app.task(shared=False, name="t.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(shared=False, name="t.tsum")
+    def tsum(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task(shared=False, name="t.echo")
+    def echo(value: Any) -> Any:
+        return value
+
+    @app.task(shared=False, name="t.sleep")
+    def sleep(seconds: float, value: Any = None) -> Any:
+        time.sleep(seconds)
+        return value
+
+    @app.task(shared=False, name="t.fail")
+    def fail(message: str = "boom") -> None:
+        raise Boom(message)
+
+    @app.task(shared=False, name="t.keyerror")
+    def keyerror() -> None:
+        raise KeyError("missing")
+
+    @app.task(shared=False, name="t.progress", bind=True)
+    def progress(self: Any, steps: int, pause: float = 0.05) -> str:
+        for step in range(steps):
+            self.update_state(state="PROGRESS", meta={"step": step, "of": steps})
+            time.sleep(pause)
+        return "finished"
+
+    @app.task(shared=False, name="t.retry_once", bind=True, max_retries=3, default_retry_delay=0.1)
+    def retry_once(self: Any) -> str:
+        if self.request.retries == 0:
+            raise self.retry(countdown=0.1)
+        return f"retried {self.request.retries}"
+
+    @app.task(shared=False, name="t.spawn", bind=True)
+    def spawn(self: Any, n: int) -> int:
+        for i in range(n):
+            add.delay(i, i)
+        return n
+
+    @app.task(shared=False, name="t.grow", bind=True)
+    def grow(self: Any, value: int) -> int:
+        self.add_to_chord(add.s(value, value))
+        return value
+
+    @app.task(shared=False, name="t.quiet", ignore_result=True)
+    def quiet() -> str:
+        return "nobody reads this"
+
+
+def running_worker(app: Celery, **kwargs: Any) -> Any:
+    """An in-process worker (``celery.contrib.testing``) on a thread pool."""
+    options: dict[str, Any] = {"pool": "threads", "concurrency": 4, "perform_ping_check": False}
+    options.update(kwargs)
+    return start_worker(app, **options)

@@ -1,0 +1,163 @@
+"""URLs, settings, shared pools and the errors a user sees when the server is away."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery, states
+from celery.exceptions import ImproperlyConfigured
+
+from celery_perkey_backend import BackendUnavailableError, ConfigurationError, PerkeyBackend
+from celery_perkey_backend.connection import mask_url, to_redis_url
+from celery_perkey_backend.embedded import EmbeddedServer, free_port
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("perkey://h:6379/0", "redis://h:6379/0"),
+        ("redis://:pw@h/3", "redis://:pw@h/3"),
+        (
+            "rediss://h:6380/0?ssl_cert_reqs=CERT_REQUIRED&ssl_ca_certs=%2Ftmp%2Fca.pem",
+            "rediss://h:6380/0?ssl_cert_reqs=required&ssl_ca_certs=%2Ftmp%2Fca.pem",
+        ),
+        ("unix:///tmp/redis.sock?db=2", "unix:///tmp/redis.sock?db=2"),
+        (None, "redis://localhost:6379/0"),
+    ],
+)
+def test_to_redis_url(given: str | None, expected: str) -> None:
+    assert to_redis_url(given) == expected
+
+
+@pytest.mark.parametrize(
+    ("bad", "complaint"),
+    [
+        ("amqp://:secret@h//", "unsupported scheme"),
+        ("rediss://:secret@h/0?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
+        ("redis://:secret@h/0?ssl_ca_certs=x", "perkey\\+rediss"),
+    ],
+)
+def test_bad_urls_are_named_with_the_password_masked(bad: str, complaint: str) -> None:
+    with pytest.raises(ConfigurationError, match=complaint) as info:
+        to_redis_url(bad)
+    assert "secret" not in str(info.value)
+    assert isinstance(info.value, ImproperlyConfigured)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://:s3cret@h:1/0", "redis://:**@h:1/0"),
+        ("redis://user:s3cret@h/0", "redis://user:**@h/0"),
+        ("redis://user@h/0", "redis://user@h/0"),
+        ("unix:///sock?password=s3cret&db=1", "unix:///sock?password=%2A%2A&db=1"),
+    ],
+)
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+def test_entry_point_loads_backend_by_url(backend_url: str) -> None:
+    app = Celery("ep", backend=backend_url, set_as_current=False)
+    assert isinstance(app.backend, PerkeyBackend)
+    scheme_app = Celery("ep2", backend="perkey+redis://127.0.0.1:1/0", set_as_current=False)
+    assert isinstance(scheme_app.backend, PerkeyBackend)
+
+
+def test_password_never_shows(server: EmbeddedServer) -> None:
+    app = Celery("pw", backend="perkey://:hunter2@127.0.0.1:1/0", set_as_current=False)
+    assert "hunter2" not in repr(app.backend)
+    assert "hunter2" not in app.backend.as_uri()
+    assert "hunter2" in app.backend.as_uri(include_password=True)
+
+
+def test_unreachable_server_is_a_clear_error(make_app: Any) -> None:
+    port = free_port()
+    app = make_app(
+        backend=f"perkey://:hunter2@127.0.0.1:{port}/0",
+        result_backend_transport_options={"retry_policy": {"max_retries": 1}},
+        redis_socket_connect_timeout=0.5,
+    )
+    with pytest.raises(BackendUnavailableError) as info:
+        app.AsyncResult("t1").state  # noqa: B018
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(BackendUnavailableError):
+        app.backend.store_result("t1", 1, states.SUCCESS)
+    with pytest.raises(BackendUnavailableError):
+        app.AsyncResult("t1").get(timeout=1)
+
+
+def test_always_retry_turns_into_celery_errors(make_app: Any) -> None:
+    from celery.exceptions import BackendGetMetaError, BackendStoreError
+
+    app = make_app(
+        backend=f"perkey://127.0.0.1:{free_port()}/0",
+        result_backend_always_retry=True,
+        result_backend_max_retries=2,
+        result_backend_base_sleep_between_retries_ms=1,
+        result_backend_transport_options={"retry_policy": {"max_retries": 0}},
+    )
+    with pytest.raises(BackendStoreError) as info:
+        app.backend.store_result("t1", 1, states.SUCCESS)
+    assert info.value.task_id == "t1"
+    with pytest.raises(BackendGetMetaError):
+        app.backend.get_task_meta("t1")
+
+
+def test_password_and_unix_socket(make_app: Any) -> None:
+    with EmbeddedServer(args=["--requirepass", "s3cret"]) as srv:
+        app = make_app(backend=f"perkey://:s3cret@127.0.0.1:{srv.port}/3")
+        app.backend.store_result("t1", "tcp", states.SUCCESS)
+        assert app.AsyncResult("t1").get(timeout=2) == "tcp"
+        sock = make_app(backend=f"perkey+unix://{srv.unix_socket}?db=3&password=s3cret")
+        assert sock.AsyncResult("t1").get(timeout=2) == "tcp"
+        client = redis.Redis(port=srv.port, password="s3cret", db=3)
+        assert client.keys() == [app.backend.layout.result("t1").encode()]
+        client.close()
+
+
+def test_redis_settings_reach_the_connection(make_app: Any, server: EmbeddedServer) -> None:
+    app = make_app(
+        redis_client_name="perkey-test-client",
+        redis_socket_timeout=7,
+        redis_socket_connect_timeout=3,
+        redis_max_connections=5,
+        redis_retry_on_timeout=True,
+        redis_backend_health_check_interval=30,
+    )
+    app.backend.store_result("t1", 1, states.SUCCESS)
+    pool = app.backend.client.connection_pool
+    assert pool.max_connections == 5
+    kwargs = pool.connection_kwargs
+    assert kwargs["socket_timeout"] == 7.0
+    assert kwargs["socket_connect_timeout"] == 3.0
+    assert kwargs["health_check_interval"] == 30
+    names = [c["name"] for c in redis.Redis(port=server.port).client_list()]
+    assert "perkey-test-client" in names
+
+
+def test_backends_of_one_process_share_a_pool(app: Any) -> None:
+    import threading
+
+    pools = []
+
+    def grab() -> None:
+        pools.append(app.backend.client.connection_pool)
+
+    threads = [threading.Thread(target=grab) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(p) for p in pools}) == 1
+    assert len({id(p) for p in [*pools, app.backend.client.connection_pool]}) == 1
+
+
+def test_backend_pickles(app: Any) -> None:
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(app.backend))
+    assert clone.url == app.backend.url

@@ -1,0 +1,144 @@
+"""Celery's result API, end to end with a real in-process worker."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any
+
+import pytest
+from celery import states
+from celery.exceptions import TimeoutError
+
+from .conftest import Boom, running_worker
+
+
+def test_get_ready_successful_and_state(app: Any, worker: Any) -> None:
+    result = app.tasks["t.add"].delay(2, 3)
+    assert result.get(timeout=10) == 5
+    assert result.ready()
+    assert result.successful()
+    assert not result.failed()
+    assert result.state == result.status == states.SUCCESS
+    assert result.result == result.info == 5
+    assert result.traceback is None
+    assert isinstance(result.date_done, datetime.datetime)
+    assert result.exists()
+
+
+def test_pending_is_the_absence_of_a_key(app: Any) -> None:
+    result = app.AsyncResult("never-sent")
+    assert result.state == states.PENDING
+    assert not result.ready()
+    assert not result.exists()
+    assert result.result is None
+
+
+def test_failure_comes_back_as_its_own_type(app: Any, worker: Any) -> None:
+    result = app.tasks["t.fail"].delay("it broke")
+    with pytest.raises(Boom, match="it broke"):
+        result.get(timeout=10)
+    assert result.failed()
+    assert result.state == states.FAILURE
+    assert isinstance(result.result, Boom)
+    assert "Boom" in result.traceback
+    builtin = app.tasks["t.keyerror"].delay()
+    with pytest.raises(KeyError):
+        builtin.get(timeout=10)
+
+
+def test_propagate_false_returns_the_exception(app: Any, worker: Any) -> None:
+    result = app.tasks["t.fail"].delay()
+    value = result.get(timeout=10, propagate=False)
+    assert isinstance(value, Boom)
+
+
+def test_interval_and_disable_sync_subtasks_are_accepted(app: Any, worker: Any) -> None:
+    result = app.tasks["t.add"].delay(1, 1)
+    assert result.get(timeout=10, interval=0.01, disable_sync_subtasks=False) == 2
+
+
+def test_get_times_out(app: Any, worker: Any) -> None:
+    result = app.tasks["t.sleep"].delay(2)
+    with pytest.raises(TimeoutError):
+        result.get(timeout=0.2)
+    assert result.get(timeout=10) is None
+
+
+def test_children(app: Any, worker: Any) -> None:
+    result = app.tasks["t.spawn"].delay(3)
+    assert result.get(timeout=10) == 3
+    children = result.children
+    assert len(children) == 3
+    assert [child.get(timeout=10) for child in children] == [0, 2, 4]
+
+
+def test_result_extended(make_app: Any) -> None:
+    app = make_app(result_extended=True)
+    with running_worker(app):
+        result = app.tasks["t.add"].apply_async((4, 5), queue="celery")
+        assert result.get(timeout=10) == 9
+    fresh = app.AsyncResult(result.id)
+    assert fresh.name == "t.add"
+    assert fresh.args == [4, 5]
+    assert fresh.kwargs == {}
+    assert fresh.worker
+    assert fresh.retries == 0
+    assert fresh.queue == "celery"
+
+
+def test_retry_is_visible_and_does_not_end_the_wait(app: Any, worker: Any) -> None:
+    seen: list[str] = []
+    result = app.tasks["t.retry_once"].delay()
+    assert result.get(timeout=10, on_message=lambda m: seen.append(m["status"])) == "retried 1"
+    assert seen[-1] == states.SUCCESS
+    assert states.RETRY in seen or states.STARTED in seen
+
+
+def test_ignore_result(app: Any, worker: Any, r: Any) -> None:
+    result = app.tasks["t.quiet"].delay()
+    assert result.get(timeout=1) is None
+    time.sleep(0.3)
+    assert not r.keys(app.backend.layout.result("*"))
+
+
+def test_forget(app: Any, worker: Any, r: Any) -> None:
+    result = app.tasks["t.add"].delay(1, 2)
+    assert result.get(timeout=10) == 3
+    result.forget()
+    assert app.AsyncResult(result.id).state == states.PENDING
+    assert r.dbsize() == 0
+
+
+def test_revoked(app: Any, worker: Any) -> None:
+    result = app.tasks["t.add"].apply_async((1, 1), countdown=30)
+    result.revoke()
+    app.backend.mark_as_revoked(result.id, "revoked by test")
+    assert result.state == states.REVOKED
+    with pytest.raises(Exception, match=r"revoked|Revoked|TaskRevokedError"):
+        result.get(timeout=5)
+
+
+def test_revoked_by_worker(app: Any, worker: Any) -> None:
+    result = app.tasks["t.add"].apply_async((1, 1), countdown=2)
+    result.revoke()
+    with pytest.raises(Exception, match="revoked"):
+        result.get(timeout=10)
+    assert result.state == states.REVOKED
+
+
+def test_cross_process_reader_of_worker_result(app: Any, worker: Any, backend_url: str) -> None:
+    import subprocess
+    import sys
+
+    from .test_wait import _READER
+
+    result = app.tasks["t.sleep"].delay(0.5, "from worker")
+    out = subprocess.run(
+        [sys.executable, "-c", _READER, backend_url, result.id],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert out.strip() == "'from worker'"

@@ -1,0 +1,42 @@
+"""A plain Celery app for `celery worker` subprocesses: perkey by configuration only."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+PORT = os.environ["PERKEY_TEST_PORT"]
+
+app = Celery("worker_app")
+app.conf.update(
+    broker_url=f"redis://127.0.0.1:{PORT}/1",
+    result_backend=f"perkey://127.0.0.1:{PORT}/0",
+    task_track_started=True,
+    broker_connection_retry_on_startup=True,
+)
+
+
+@app.task(name="w.mul")
+def mul(x: int, y: int) -> int:
+    return x * y
+
+
+@app.task(name="w.steps", bind=True)
+def steps(self, n: int) -> int:  # type: ignore[no-untyped-def]
+    import time
+
+    for i in range(n):
+        self.update_state(state="PROGRESS", meta={"i": i})
+        time.sleep(0.05)
+    return n
+
+
+@app.task(name="w.total")
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
+@app.task(name="w.fail")
+def fail() -> None:
+    raise ValueError("subprocess failure")
