@@ -120,6 +120,10 @@ def test_revoked(app: Any, worker: Any) -> None:
 
 
 def test_revoked_by_worker(app: Any, worker: Any) -> None:
+    # Revokes are broadcast; make sure the worker listens before sending one.
+    deadline = time.monotonic() + 15
+    while not app.control.ping(timeout=0.5):
+        assert time.monotonic() < deadline, "worker never answered a ping"
     result = app.tasks["t.add"].apply_async((1, 1), countdown=2)
     result.revoke()
     with pytest.raises(Exception, match="revoked"):

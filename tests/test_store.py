@@ -10,7 +10,7 @@ import redis
 from celery import states
 from celery.exceptions import BackendStoreError
 
-from celery_perkey_backend import keys
+from celery_perkey_backend import CorruptResultError, keys
 
 
 def test_ready_result_is_one_list_element_with_ttl(app: Any, r: redis.Redis) -> None:
@@ -149,3 +149,17 @@ def test_forget_removes_everything(app: Any, r: redis.Redis) -> None:
     app.AsyncResult("t1").forget()
     assert r.dbsize() == 0
     assert app.AsyncResult("t1").state == states.PENDING
+
+
+def test_content_outside_result_accept_content_is_refused(make_app: Any) -> None:
+    writer = make_app(result_serializer="pickle", result_accept_content=["pickle"])
+    writer.backend.store_result("t1", {"pickled": True}, states.SUCCESS)
+    # A reader that may not unpickle refuses before loading anything.
+    guarded = make_app(result_serializer="pickle", result_accept_content=["json"])
+    with pytest.raises(CorruptResultError, match="ContentDisallowed") as info:
+        guarded.AsyncResult("t1").get(timeout=1)
+    assert info.value.task_id == "t1"
+    # A JSON reader never runs the pickle loader at all.
+    json_reader = make_app(result_accept_content=["json"])
+    with pytest.raises(CorruptResultError, match="DecodeError"):
+        json_reader.AsyncResult("t1").get(timeout=1)

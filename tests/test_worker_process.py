@@ -47,3 +47,22 @@ def test_subprocess_worker_round_trip(worker_process: Any, r: redis.Redis) -> No
     keys = r.keys("*")
     assert keys and all(k.startswith(b"celery-perkey:") for k in keys)
     assert all(r.pttl(k) > 0 for k in keys)
+
+
+def test_beat_makes_no_subscription(server: Any, r: redis.Redis, tmp_path: Path) -> None:
+    env = dict(os.environ, PERKEY_TEST_PORT=str(server.port), PERKEY_TEST_BROKER="memory://")
+    r.config_resetstat()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.worker_app", "beat",
+         "-s", str(tmp_path / "schedule"), "--loglevel=INFO"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "Sending due task often" in out
+    stats = r.info("commandstats")
+    assert not {"cmdstat_subscribe", "cmdstat_psubscribe", "cmdstat_ssubscribe"} & set(stats)
+    assert r.pubsub_channels() == []

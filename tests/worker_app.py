@@ -10,10 +10,11 @@ PORT = os.environ["PERKEY_TEST_PORT"]
 
 app = Celery("worker_app")
 app.conf.update(
-    broker_url=f"redis://127.0.0.1:{PORT}/1",
+    broker_url=os.environ.get("PERKEY_TEST_BROKER", f"redis://127.0.0.1:{PORT}/1"),
     result_backend=f"perkey://127.0.0.1:{PORT}/0",
     task_track_started=True,
     broker_connection_retry_on_startup=True,
+    beat_schedule={"often": {"task": "w.mul", "schedule": 0.2, "args": (2, 2)}},
 )
 
 
