@@ -23,6 +23,7 @@ from celery.exceptions import BackendStoreError, ChordError, TimeoutError
 from celery.result import GroupResult, allow_join_result
 from celery.utils.functional import _regen
 from kombu.utils.objects import cached_property
+from redis.commands.core import Script
 
 from . import keys
 from .connection import client_for, connection_kwargs, mask_url, redis_errors, to_redis_url
@@ -107,6 +108,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         # registers its members), so one pipelined read can serve a whole join().
         self._pending: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         self._prefetched: dict[str, Meta] = {}
+        self._scripts: dict[str, Script] = {}
 
     def _setting(self, name: str) -> Any:
         value = self.app.conf.get(name)
@@ -118,21 +120,12 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def client(self) -> redis.Redis:
         return client_for(self._redis_url, self._connection_kwargs)
 
-    @cached_property
-    def _store_script(self) -> Any:
-        return self.client.register_script(keys.STORE)
-
-    @cached_property
-    def _watch_script(self) -> Any:
-        return self.client.register_script(keys.WATCH)
-
-    @cached_property
-    def _chord_part_script(self) -> Any:
-        return self.client.register_script(keys.CHORD_PART)
-
-    @cached_property
-    def _chord_done_script(self) -> Any:
-        return self.client.register_script(keys.CHORD_DONE)
+    def _script(self, source: str) -> Script:
+        """The registered form of one of the scripts in :mod:`.keys` (EVALSHA, then EVAL)."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.client.register_script(source)
+        return script
 
     def _errors(self, where: str, key: str | None = None) -> Any:
         return redis_errors(where, self._redis_url, key)
@@ -244,7 +237,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
         def write() -> None:
             with self._errors(f"store result of task {task_id!r}", rkey):
-                self._store_script(keys=[rkey, self.layout.progress(task_id)], args=args)
+                self._script(keys.STORE)(keys=[rkey, self.layout.progress(task_id)], args=args)
 
         self._retrying(write, f"store of task {task_id!r}")
         return result
@@ -497,7 +490,9 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         first = True
         while True:
             with self._errors(f"wait for task {task_id!r}", rkey):
-                ready, entries = self._watch_script(keys=[rkey, pkey], args=[last, ttl, consume])
+                ready, entries = self._script(keys.WATCH)(
+                    keys=[rkey, pkey], args=[last, ttl, consume]
+                )
             if ready:
                 meta = self._decode_ready(task_id, rkey, ready)
                 on_message(meta)
@@ -634,7 +629,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             token,
         ]
         with self._errors(f"chord part of {group_id!r}", chord_keys[0]):
-            _, total, claimed = self._chord_part_script(
+            _, total, claimed = self._script(keys.CHORD_PART)(
                 keys=[*chord_keys, self.get_key_for_group(group_id)], args=args
             )
         if not claimed:
@@ -653,7 +648,9 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             self.chord_error_from_stack(callback, error)
         finally:
             with self._errors(f"finish chord {group_id!r}", chord_keys[3]):
-                self._chord_done_script(keys=chord_keys, args=[token, max(claim_ttl * 2, 300)])
+                self._script(keys.CHORD_DONE)(
+                    keys=chord_keys, args=[token, max(claim_ttl * 2, 300)]
+                )
 
     def _chord_header_values(self, group_id: str, jkey: str, total: int) -> list[Any]:
         saved = GroupResult.restore(group_id, backend=self, app=self.app)

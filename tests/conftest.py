@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -67,6 +68,12 @@ def app(make_app: Callable[..., Celery]) -> Celery:
 def worker(app: Celery) -> Iterator[Any]:
     with running_worker(app) as w:
         yield w
+
+
+def command_calls(r: redis.Redis) -> Counter[str]:
+    """How often the server ran each command (INFO commandstats), inside scripts too."""
+    stats = r.info("commandstats")
+    return Counter({k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()})
 
 
 class Boom(Exception):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from typing import Any
 
 import pytest
@@ -13,12 +12,7 @@ from celery import chain, chord, group, states
 from celery.exceptions import ChordError, TimeoutError
 from celery.result import GroupResult, ResultSet
 
-from .conftest import Boom, running_worker
-
-
-def _calls(r: redis.Redis) -> Counter[str]:
-    stats = r.info("commandstats")
-    return Counter({k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()})
+from .conftest import Boom, command_calls, running_worker
 
 
 def test_chain(app: Any, worker: Any) -> None:
@@ -60,26 +54,15 @@ def test_group_save_restore_delete(app: Any, worker: Any, r: redis.Redis) -> Non
     assert GroupResult.restore(result.id, app=app) is None
 
 
-def test_join_native_reads_stored_results_in_one_round_trip(app: Any, r: redis.Redis) -> None:
-    ids = [f"t{i}" for i in range(200)]
-    for i, task_id in enumerate(ids):
-        app.backend.store_result(task_id, i, states.SUCCESS)
-    result = app.GroupResult("g1", [app.AsyncResult(t) for t in ids])
-    before = _calls(r)
-    assert result.join_native(timeout=5) == list(range(200))
-    diff = _calls(r) - before
-    assert diff["lindex"] == 200
-    assert diff["blmove"] == 0
-
-
-def test_join_reads_stored_results_in_one_round_trip(app: Any, r: redis.Redis) -> None:
+@pytest.mark.parametrize("how", ["join", "join_native", "get"])
+def test_joins_read_stored_results_in_one_round_trip(app: Any, r: redis.Redis, how: str) -> None:
     ids = [f"t{i}" for i in range(200)]
     for i, task_id in enumerate(ids):
         app.backend.store_result(task_id, i, states.SUCCESS)
     result = ResultSet([app.AsyncResult(t) for t in ids], app=app)
-    before = _calls(r)
-    assert result.join(timeout=5) == list(range(200))
-    diff = _calls(r) - before
+    before = command_calls(r)
+    assert getattr(result, how)(timeout=5) == list(range(200))
+    diff = command_calls(r) - before
     # Every result came from the first pipelined read: no per-result round trips.
     assert diff["lindex"] == 200
     assert diff["blmove"] == 0
@@ -97,9 +80,9 @@ def test_join_blocks_only_on_what_is_missing(app: Any, r: redis.Redis) -> None:
 
     threading.Thread(target=late, daemon=True).start()
     result = app.GroupResult("g1", [app.AsyncResult(f"t{i}") for i in range(7)])
-    before = _calls(r)
+    before = command_calls(r)
     assert result.get(timeout=10) == list(range(7))
-    assert (_calls(r) - before)["blmove"] <= 2
+    assert (command_calls(r) - before)["blmove"] <= 2
 
 
 def test_join_shares_one_deadline(app: Any) -> None:

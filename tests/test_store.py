@@ -12,6 +12,8 @@ from celery.exceptions import BackendStoreError
 
 from celery_perkey_backend import CorruptResultError, keys
 
+from .conftest import command_calls
+
 
 def test_ready_result_is_one_list_element_with_ttl(app: Any, r: redis.Redis) -> None:
     backend = app.backend
@@ -88,21 +90,14 @@ def test_no_expiry_means_no_ttl(make_app: Any, r: redis.Redis, expires: Any) -> 
 def test_store_is_one_round_trip(app: Any, r: redis.Redis) -> None:
     backend = app.backend
     backend.store_result("warm", 1, states.SUCCESS)  # loads the script
-    before = _calls(r)
+    before = command_calls(r)
     backend.store_result("t1", 1, states.SUCCESS)
-    diff = _calls(r) - before
+    diff = command_calls(r) - before
     assert diff["evalsha"] == 1
     # Everything else ran inside the script (commandstats counts those too): no GET
     # before the write and no MULTI around it.
     inside = {"lindex", "del", "rpush", "pexpire", "exists", "xadd", "time", "info"}
     assert set(diff) - inside == {"evalsha"}
-
-
-def _calls(r: redis.Redis) -> Any:
-    from collections import Counter
-
-    stats = r.info("commandstats")
-    return Counter({k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()})
 
 
 @pytest.mark.parametrize("serializer", ["json", "pickle", "msgpack", "yaml"])

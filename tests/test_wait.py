@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from typing import Any
 
 import pytest
@@ -17,12 +16,7 @@ from celery.exceptions import TimeoutError
 
 from celery_perkey_backend.embedded import EmbeddedServer
 
-from .conftest import running_worker
-
-
-def _calls(r: redis.Redis) -> Counter[str]:
-    stats = r.info("commandstats")
-    return Counter({k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()})
+from .conftest import command_calls, running_worker
 
 
 def _store_later(app: Any, task_id: str, value: Any, delay: float, state: str = "SUCCESS") -> None:
@@ -46,11 +40,11 @@ def test_intermediate_states_never_end_a_wait(app: Any, r: redis.Redis) -> None:
             time.sleep(0.1)
             app.backend.store_result("t1", {"s": state}, state)
 
-    before = _calls(r)
+    before = command_calls(r)
     threading.Thread(target=writer, daemon=True).start()
     with pytest.raises(TimeoutError):
         app.AsyncResult("t1").get(timeout=1.0)
-    waits = _calls(r) - before
+    waits = command_calls(r) - before
     # One blocking command covered the whole second: nothing woke it, no polling.
     assert waits["blmove"] == 1
     assert app.AsyncResult("t1").state == "PROGRESS"
@@ -146,26 +140,30 @@ def test_long_wait_is_split_below_socket_timeout_and_silent(
 ) -> None:
     app = make_app(redis_socket_timeout=0.5)
     _store_later(app, "t1", "late", 1.6)
-    before = _calls(r)
+    before = command_calls(r)
     with caplog.at_level(logging.DEBUG):
         assert app.AsyncResult("t1").get(timeout=None) == "late"
-    assert _calls(r)["blmove"] - before["blmove"] >= 3
+    assert command_calls(r)["blmove"] - before["blmove"] >= 3
     noisy = [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
     assert noisy == []
 
 
-def test_no_pubsub_anywhere(make_app: Any, r: redis.Redis) -> None:
-    # The broker lives elsewhere: kombu's Redis transport uses pub/sub of its own.
-    app = make_app(broker_url="memory://")
-    r.config_resetstat()
-    with running_worker(app):
-        app.tasks["t.add"].delay(1, 2).get(timeout=10)
-        app.tasks["t.progress"].delay(2, 0.01).get(timeout=10, on_message=lambda m: None)
-        app.GroupResult("g", [app.tasks["t.add"].delay(i, i) for i in range(3)]).get(timeout=10)
-    stats = _calls(r)
-    assert not {"subscribe", "psubscribe", "ssubscribe", "publish"} & set(stats)
-    assert r.pubsub_channels() == []
-    assert r.pubsub_numpat() == 0
+def test_no_pubsub_anywhere(make_app: Any) -> None:
+    # A server of its own, so that no other test's clients count; the broker lives
+    # elsewhere too, since kombu's Redis transport uses pub/sub of its own.
+    with EmbeddedServer() as own:
+        app = make_app(backend=f"perkey://127.0.0.1:{own.port}/0", broker_url="memory://")
+        with running_worker(app):
+            app.tasks["t.add"].delay(1, 2).get(timeout=10)
+            app.tasks["t.progress"].delay(2, 0.01).get(timeout=10, on_message=lambda m: None)
+            app.GroupResult("g", [app.tasks["t.add"].delay(i, i) for i in range(3)]).get(timeout=10)
+        r = redis.Redis(port=own.port)
+        stats = command_calls(r)
+        assert stats["evalsha"] > 0
+        assert not {"subscribe", "psubscribe", "ssubscribe", "publish"} & set(stats)
+        assert r.pubsub_channels() == []
+        assert r.pubsub_numpat() == 0
+        r.close()
 
 
 def test_on_message_sees_every_state_in_order(app: Any, worker: Any) -> None:
