@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     elif command == "lint":
         lint(ensure_env("dev"))
     elif command == "example":
-        python = ensure_env("server")
+        python = ensure_env("example")
         run(python, ROOT / "examples" / "run.py", *rest)
     else:
         sys.exit(f"unknown command {command!r}; use test, lint or example")
