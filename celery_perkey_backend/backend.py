@@ -440,6 +440,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         on_interval: Callable[[], Any] | None,
     ) -> Meta:
         failures = 0
+        overran = False
         while not deadline.expired:
             try:
                 with self._errors(f"wait for task {task_id!r}", rkey):
@@ -447,9 +448,15 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
                         self.client, rkey, deadline.block_for(self._block_cap)
                     )
             except BackendUnavailableError as exc:
+                # A busy server can answer a block's end a little past the socket
+                # timeout; that alone is no lost connection. Twice in a row is.
+                if isinstance(exc.__cause__, redis.TimeoutError) and not overran:
+                    overran = True
+                    continue
                 failures = self._pause_after_failure(failures, task_id, exc)
                 continue
             failures = 0
+            overran = False
             if element is not None:
                 return self._decode_ready(task_id, rkey, element)
             if on_interval:

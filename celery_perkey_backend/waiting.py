@@ -24,10 +24,15 @@ MIN_BLOCK = 0.01
 
 
 def block_cap(socket_timeout: float | None) -> float:
-    """The longest block that stays safely below the socket timeout."""
+    """The longest block that stays safely below the socket timeout.
+
+    The margin covers the server's clock tick (up to 100 ms at the default hz) and a
+    busy client or server.
+    """
     if socket_timeout is None:
         return MAX_BLOCK
-    return max(MIN_BLOCK, min(MAX_BLOCK, socket_timeout * 0.8))
+    margin = max(0.25, socket_timeout * 0.2)
+    return max(MIN_BLOCK, min(MAX_BLOCK, socket_timeout - margin))
 
 
 class Deadline:
