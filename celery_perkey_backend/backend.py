@@ -13,7 +13,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import states
@@ -27,7 +27,12 @@ from redis.commands.core import Script
 
 from . import keys
 from .connection import client_for, connection_kwargs, mask_url, redis_errors, to_redis_url
-from .errors import BackendUnavailableError, CorruptResultError
+from .errors import BackendUnavailableError, ConfigurationError, CorruptResultError
+from .sweep import SweepOptions, SweepSummary, parse_duration, sweep
+from .tasks import register_sweep_task
+
+if TYPE_CHECKING:
+    from .metrics import KeyStats
 from .waiting import Deadline, ListBlocker, block_cap
 
 __all__ = ["PerkeyBackend"]
@@ -51,6 +56,16 @@ DEFAULTS: Mapping[str, Any] = {
     "perkey_read_once": False,
     "perkey_legacy_fallback": True,
     "perkey_max_result_bytes": REDIS_MAX_BULK,
+    "perkey_sweep_max_age": 86400.0,
+    "perkey_sweep_delete": False,
+    "perkey_sweep_ttl": None,
+    "perkey_sweep_scan_count": 1000,
+    "perkey_sweep_batch_size": 500,
+    "perkey_sweep_pause": 0.0,
+    "perkey_sweep_lock_ttl": 60.0,
+    "perkey_sweep_memory_samples": 100,
+    "perkey_prometheus_port": None,
+    "perkey_prometheus_textfile": None,
 }
 
 
@@ -66,7 +81,9 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     """
 
     supports_native_join = True
-    supports_autoexpire = True
+    # False makes celery beat schedule Celery's own celery.backend_cleanup (daily),
+    # which calls cleanup(): the sweep.
+    supports_autoexpire = False
     supports_result_compression = True
     supports_failure_expires = True
 
@@ -110,9 +127,68 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self._prefetched: dict[str, Meta] = {}
         self._scripts: dict[str, Script] = {}
 
+        register_sweep_task(self.app)
+
     def _setting(self, name: str) -> Any:
         value = self.app.conf.get(name)
         return DEFAULTS[name] if value is None else value
+
+    # -- the sweep and the figures ----------------------------------------------------
+
+    def sweep_options(self, **overrides: Any) -> SweepOptions:
+        """The sweep's options: the ``perkey_sweep_*`` settings, then ``overrides``.
+
+        Raises
+        ------
+        ConfigurationError
+            If an option is unknown or a duration cannot be read.
+        """
+        fallback_ttl = self.expires if self.expires else 86400.0
+        values: dict[str, Any] = {
+            "max_age": self._setting("perkey_sweep_max_age"),
+            "delete": self._setting("perkey_sweep_delete"),
+            "ttl": self._setting("perkey_sweep_ttl") or fallback_ttl,
+            "scan_count": self._setting("perkey_sweep_scan_count"),
+            "batch_size": self._setting("perkey_sweep_batch_size"),
+            "pause": self._setting("perkey_sweep_pause"),
+            "lock_ttl": self._setting("perkey_sweep_lock_ttl"),
+            "memory_samples": self._setting("perkey_sweep_memory_samples"),
+        }
+        unknown = set(overrides) - {*values, "dry_run"}
+        if unknown:
+            raise ConfigurationError(f"unknown sweep option(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for name in ("max_age", "ttl", "pause", "lock_ttl"):
+            values[name] = parse_duration(values[name], name)
+        return SweepOptions(**values)
+
+    def run_sweep(
+        self, progress: Callable[[int, int], None] | None = None, **options: Any
+    ) -> SweepSummary:
+        """Sweep, then publish the figures if Prometheus export is configured.
+
+        Every entry point uses this: :meth:`cleanup`, the sweep task and the CLI.
+        """
+        summary = sweep(self, progress=progress, **options)
+        port = self._setting("perkey_prometheus_port")
+        textfile = self._setting("perkey_prometheus_textfile")
+        if (port or textfile) and not summary.skipped_locked:
+            from .metrics import collect_stats, export_prometheus, serve_prometheus
+
+            if port:
+                serve_prometheus(int(port))
+            export_prometheus(collect_stats(self), summary, textfile=textfile)
+        return summary
+
+    def stats(self, sample_limit: int = 100_000) -> KeyStats:
+        """Key metrics: counts by kind, TTL histogram, TTL-less keys, sampled sizes."""
+        from .metrics import collect_stats
+
+        return collect_stats(self, sample_limit=sample_limit)
+
+    def cleanup(self) -> None:
+        """Run the sweep; Celery's ``celery.backend_cleanup`` task calls this."""
+        self.run_sweep()
 
     # -- connection -------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ __all__ = [
     "WATCH",
     "KeyLayout",
     "ReadyRecord",
+    "glob_escape",
     "parse_ready",
 ]
 
@@ -91,6 +92,15 @@ class KeyLayout:
     def chord_keys(self, group_id: str) -> list[str]:
         """The chord keys in the order the chord scripts expect: j, s, d, c, t."""
         return [self.chord(group_id, part) for part in ("j", "s", "d", "c", "t")]
+
+    @property
+    def sweep_lock(self) -> str:
+        return self.prefix + SWEEP_LOCK
+
+    @property
+    def match_all(self) -> str:
+        """A SCAN MATCH pattern for every key of ours and nothing else."""
+        return glob_escape(self.prefix) + "*"
 
 
 @dataclass(frozen=True)
@@ -248,3 +258,199 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
 redis.call('SET', KEYS[4], 'done', 'EX', ARGV[2])
 return 1
 """
+
+
+# -- the sweep ------------------------------------------------------------------------
+
+#: The sweep lock, under our prefix; the sweep skips it.
+SWEEP_LOCK = "lock:sweep"
+
+#: What the kind codes of the sweep scripts (``kind_of`` below) stand for.
+KIND_NAMES = {
+    "r": "result",
+    "p": "progress",
+    "g": "group",
+    "j": "chord",
+    "s": "chord",
+    "d": "chord",
+    "c": "chord",
+    "t": "chord",
+    "x": "unknown",
+}
+
+#: Class letters the sweep script answers with, one per key.
+CLASS_LETTERS = {
+    "H": "healthy",
+    "N": "no_ttl",
+    "O": "too_old",
+    "L": "leftover",
+    "U": "unexpected",
+}
+
+# Lua shared by the sweep scripts: when a key was last written (server ms, or -1 when
+# the key does not say: a result's header, a progress stream's newest entry id), and
+# the types each kind of key may have.
+_SWEEP_LIB = """
+local function stamp(key, kind)
+  if kind == 'list' then
+    local v = redis.call('LINDEX', key, 0)
+    if v then
+      local ms = string.match(v, '^%a(%d+)|')
+      if ms then return tonumber(ms) end
+    end
+  elseif kind == 'stream' then
+    local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+    local id
+    if last then
+      id = last[1]
+    else
+      local info = redis.call('XINFO', 'STREAM', key)
+      for i = 1, #info, 2 do
+        if info[i] == 'last-generated-id' then id = info[i + 1] end
+      end
+    end
+    if id then return tonumber(string.match(id, '^(%d+)')) end
+  end
+  return -1
+end
+local expected = {
+  r = {list = true}, p = {stream = true}, g = {string = true},
+  j = {zset = true, list = true}, s = {string = true}, c = {string = true},
+  t = {string = true}, d = {set = true},
+}
+local chord_data = {j = true, d = true, t = true}
+-- The kind code of a key of ours from its name (see KeyLayout), "l" for the sweep
+-- lock, "x" for anything else under the prefix.
+local function kind_of(key, prefix)
+  local rest = string.sub(key, #prefix + 1)
+  if rest == 'lock:sweep' then return 'l' end
+  local code = string.sub(rest, 1, 1)
+  if string.sub(rest, 2, 3) ~= ':{' then return 'x' end
+  if code == 'r' or code == 'p' or code == 'g' then return code end
+  if code == 'c' then
+    local part = string.match(rest, ':([jsdct])$')
+    if part then return part end
+  end
+  return 'x'
+end
+-- KEYS holds the batch's keys first, then the size key of each chord part in it
+-- (declared so the script stays within its slot); look those up by name.
+local function declared(count)
+  local extra = {}
+  for i = count + 1, #KEYS do extra[KEYS[i]] = true end
+  return extra
+end
+"""
+
+# Classifies a batch of keys and, unless it is a dry run, fixes them, in one atomic
+# call, so nothing can change a key between the verdict and the fix. A key written
+# after the cutoff (the sweep's start minus max age) is never unlinked.
+#
+# KEYS: the batch's keys, then the size key of each chord part among them (on a
+#       cluster, one call's keys share a slot).
+# ARGV: "1" to fix, "1" to unlink too-old keys, TTL ms, cutoff ms, keys to weigh with
+#       MEMORY USAGE before unlinking, the key prefix, the number of batch keys.
+# Returns {class letters, action letters ("." none, "t" TTL, "u" unlink), bytes
+# weighed, keys weighed}, one letter per batch key; a key that is gone answers "-".
+SWEEP_BATCH = (
+    _SWEEP_LIB
+    + """
+local fix, delete = ARGV[1] == '1', ARGV[2] == '1'
+local ttl, cutoff, weigh = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local prefix, count = ARGV[6], tonumber(ARGV[7])
+local sizes = declared(count)
+local classes, actions = {}, {}
+local bytes, weighed = 0, 0
+for n = 1, count do
+  local key = KEYS[n]
+  local code = kind_of(key, prefix)
+  local kind = redis.call('TYPE', key)['ok']
+  local class, action = '-', '.'
+  if kind ~= 'none' and code ~= 'l' then
+    local no_ttl = redis.call('PTTL', key) == -1
+    local size_key = string.sub(key, 1, -2) .. 's'
+    if not (expected[code] and expected[code][kind]) then
+      class = 'U'
+    elseif chord_data[code] and sizes[size_key] and redis.call('EXISTS', size_key) == 0 then
+      class = 'L'
+      if no_ttl then action = 't' end
+    else
+      local written = stamp(key, kind)
+      if written >= 0 and written < cutoff then
+        class = 'O'
+        if delete then action = 'u' elseif no_ttl then action = 't' end
+      elseif no_ttl then
+        class, action = 'N', 't'
+      else
+        class = 'H'
+      end
+    end
+    if fix and action == 't' then
+      redis.call('PEXPIRE', key, ttl)
+    elseif fix and action == 'u' then
+      if weighed < weigh then
+        bytes = bytes + (redis.call('MEMORY', 'USAGE', key) or 0)
+        weighed = weighed + 1
+      end
+      redis.call('UNLINK', key)
+    end
+  end
+  classes[n], actions[n] = class, action
+end
+return {table.concat(classes), table.concat(actions), bytes, weighed}
+"""
+)
+
+# Figures for ``stats()`` over a batch of keys, added up on the server so the reply
+# stays small. KEYS as for SWEEP_BATCH. ARGV: the key prefix, the number of batch keys,
+# then the TTL bucket bounds in ms, ascending.
+# Returns {kinds seen as "code=count" pairs, bucket counts (one past the last bound),
+# TTL-less keys, oldest TTL-less write ms or -1, unexpected types}.
+STATS_BATCH = (
+    _SWEEP_LIB
+    + """
+local prefix, count = ARGV[1], tonumber(ARGV[2])
+local bounds = {}
+for i = 3, #ARGV do bounds[#bounds + 1] = tonumber(ARGV[i]) end
+local kinds, buckets = {}, {}
+for b = 1, #bounds + 1 do buckets[b] = 0 end
+local no_ttl, oldest, unexpected = 0, -1, 0
+for n = 1, count do
+  local key = KEYS[n]
+  local code = kind_of(key, prefix)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'none' and code ~= 'l' then
+    kinds[code] = (kinds[code] or 0) + 1
+    if not (expected[code] and expected[code][kind]) then unexpected = unexpected + 1 end
+    local pttl = redis.call('PTTL', key)
+    if pttl == -1 then
+      no_ttl = no_ttl + 1
+      local written = stamp(key, kind)
+      if written >= 0 and (oldest < 0 or written < oldest) then oldest = written end
+    elseif pttl >= 0 then
+      local b = 1
+      while b <= #bounds and pttl >= bounds[b] do b = b + 1 end
+      buckets[b] = buckets[b] + 1
+    end
+  end
+end
+local flat = {}
+for code, n in pairs(kinds) do flat[#flat + 1] = code .. '=' .. n end
+return {flat, buckets, no_ttl, oldest, unexpected}
+"""
+)
+
+# Releases or renews the sweep lock only for its owner.  KEYS: lock.  ARGV: token, ms.
+LOCK_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+LOCK_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def glob_escape(text: str) -> str:
+    """Escape glob metacharacters so that SCAN MATCH takes ``text`` literally."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)

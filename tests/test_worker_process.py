@@ -66,3 +66,59 @@ def test_beat_makes_no_subscription(server: Any, r: redis.Redis, tmp_path: Path)
     stats = r.info("commandstats")
     assert not {"cmdstat_subscribe", "cmdstat_psubscribe", "cmdstat_ssubscribe"} & set(stats)
     assert r.pubsub_channels() == []
+
+
+def _run_for(args: list[str], env: dict[str, str], seconds: float) -> str:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.worker_app", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    return out
+
+
+def test_beat_schedules_backend_cleanup_with_no_configuration(
+    server: Any, r: redis.Redis, tmp_path: Path
+) -> None:
+    import shelve
+
+    env = dict(os.environ, PERKEY_TEST_PORT=str(server.port), PERKEY_TEST_BROKER="memory://")
+    schedule = tmp_path / "schedule"
+    _run_for(["beat", "-s", str(schedule), "--loglevel=INFO"], env, 3)
+    with shelve.open(str(schedule), flag="r") as stored:
+        entries = stored["entries"]
+    assert "celery.backend_cleanup" in entries
+    assert entries["celery.backend_cleanup"].task == "celery.backend_cleanup"
+
+
+def test_sweep_task_runs_on_a_worker_configured_only_by_result_backend(
+    server: Any, make_app: Any, r: redis.Redis, tmp_path: Path
+) -> None:
+    writer = make_app()
+    writer.conf.result_expires = None
+    for i in range(5):
+        writer.backend.store_result(f"t{i}", i, "SUCCESS")
+    env = dict(os.environ, PERKEY_TEST_PORT=str(server.port), PERKEY_TEST_SWEEP_EVERY="0.5")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker",
+         "--pool=solo", "--loglevel=INFO", "--without-gossip", "--without-mingle",
+         "--without-heartbeat"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        beat_log = _run_for(["beat", "-s", str(tmp_path / "schedule"), "--loglevel=INFO"], env, 4)
+        assert "celery_perkey_backend.sweep" in beat_log
+        direct = make_app().send_task("celery_perkey_backend.sweep", kwargs={"dry_run": True})
+        summary = direct.get(timeout=30)
+        assert summary["dry_run"] is True
+        assert summary["skipped_locked"] is False
+    finally:
+        worker.terminate()
+        out, _ = worker.communicate(timeout=30)
+    assert "unregistered" not in out.lower()
+    assert "celery_perkey_backend.sweep" in out
+    assert all(r.ttl(writer.backend.layout.result(f"t{i}")) > 0 for i in range(5))

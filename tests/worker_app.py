@@ -11,11 +11,23 @@ PORT = os.environ["PERKEY_TEST_PORT"]
 app = Celery("worker_app")
 app.conf.update(
     broker_url=os.environ.get("PERKEY_TEST_BROKER", f"redis://127.0.0.1:{PORT}/1"),
-    result_backend=f"perkey://127.0.0.1:{PORT}/0",
+    result_backend=os.environ.get("PERKEY_TEST_BACKEND", f"perkey://127.0.0.1:{PORT}/0"),
     task_track_started=True,
     broker_connection_retry_on_startup=True,
     beat_schedule={"often": {"task": "w.mul", "schedule": 0.2, "args": (2, 2)}},
+    result_expires=3600,
 )
+
+
+if os.environ.get("PERKEY_TEST_SWEEP_EVERY"):
+    # The README's one beat entry for the sweep task.
+    app.conf.beat_schedule = {
+        "perkey-sweep": {
+            "task": "celery_perkey_backend.sweep",
+            "schedule": float(os.environ["PERKEY_TEST_SWEEP_EVERY"]),
+            "kwargs": {"max_age": "1d"},
+        }
+    }
 
 
 @app.task(name="w.mul")

@@ -1,0 +1,214 @@
+"""``celery -A proj perkey …``: operator commands, added to Celery's own CLI through the
+``celery.commands`` entry point.
+
+Exit codes: 0 done; 1 ``inspect`` found nothing; 2 usage error; 3 the server cannot be
+reached or refused a command; 4 the app does not use this backend; 5 ``sweep`` skipped
+because another sweep holds the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from . import keys
+from .errors import PerkeyError
+from .metrics import TTL_BUCKETS, collect_stats
+from .sweep import CLASSES, parse_duration
+from .tasks import uses_perkey
+
+__all__ = ["perkey"]
+
+EXIT_NOT_FOUND = 1
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_PERKEY = 4
+EXIT_LOCKED = 5
+
+#: Above this many keys in the database, ``sweep`` shows a progress bar.
+PROGRESS_THRESHOLD = 10_000
+
+
+def _backend(ctx: click.Context) -> Any:
+    app = ctx.obj.app
+    if not uses_perkey(app):
+        _fail(f"result_backend of app {app.main!r} is not perkey://", EXIT_NOT_PERKEY)
+    return app.backend
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _guard(func: Any) -> Any:
+    """Turn our errors into one clear line and a non-zero exit; nothing else leaks."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PerkeyError as exc:
+            _fail(str(exc).splitlines()[0], EXIT_UNAVAILABLE)
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+@click.group(name="perkey")
+def perkey() -> None:
+    """Inspect and sweep the perkey result backend's keys."""
+
+
+@perkey.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--sample-limit", default=100_000, show_default=True, help="Keys examined at most.")
+@click.pass_context
+@_guard
+def stats(ctx: click.Context, as_json: bool, sample_limit: int) -> None:
+    """Count result keys by kind and remaining TTL."""
+    figures = collect_stats(_backend(ctx), sample_limit=sample_limit)
+    if as_json:
+        click.echo(json.dumps(figures.as_dict(), indent=2))
+        return
+    rows = [(f"keys: {kind}", str(n)) for kind, n in figures.by_kind.items()]
+    rows += [(f"ttl {name}", str(figures.ttl_histogram[name])) for name, _ in TTL_BUCKETS]
+    age = figures.oldest_no_ttl_age
+    rows += [
+        ("no ttl", str(figures.no_ttl)),
+        ("oldest without ttl", "-" if age is None else f"{age:.0f}s"),
+        ("unexpected type", str(figures.unexpected_type)),
+        (
+            "bytes per key (sampled)",
+            "-" if figures.bytes_per_key is None else f"{figures.bytes_per_key:.0f}",
+        ),
+        ("our keys", str(figures.our_keys)),
+        ("keys in database", str(figures.db_keys)),
+        ("used memory", str(figures.used_memory)),
+    ]
+    _table(rows)
+    if figures.sampled:
+        click.echo(f"(estimated from a sample of {figures.examined} keys)")
+
+
+@perkey.command(name="sweep")
+@click.option("--dry-run", is_flag=True, help="Report what would be done; change nothing.")
+@click.option("--delete", is_flag=True, help="Unlink keys past --max-age instead.")
+@click.option("--max-age", default=None, help="Age past which a key is too old, e.g. 1d, 6h.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+@_guard
+def sweep_command(
+    ctx: click.Context, dry_run: bool, delete: bool, max_age: str | None, as_json: bool
+) -> None:
+    """Find result keys without a TTL, too old, or left over, and fix them."""
+    backend = _backend(ctx)
+    if max_age is not None:
+        try:
+            parse_duration(max_age, "--max-age")
+        except PerkeyError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-age") from None
+    total = int(backend.client.dbsize())
+    options = {"dry_run": dry_run, "delete": delete or None, "max_age": max_age}
+    if total > PROGRESS_THRESHOLD and not as_json:
+        with click.progressbar(length=total, label="sweeping", file=sys.stderr) as bar:
+            seen = [0]
+
+            def advance(scanned: int, _total: int) -> None:
+                bar.update(scanned - seen[0])
+                seen[0] = scanned
+
+            summary = backend.run_sweep(progress=advance, **options)
+    else:
+        summary = backend.run_sweep(**options)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        rows = [(f"class {name}", str(summary.by_class[name])) for name in CLASSES]
+        rows += [
+            ("scanned", str(summary.scanned)),
+            ("ttl set" if not dry_run else "ttl would be set", str(summary.ttl_set)),
+            ("unlinked" if not dry_run else "would unlink", str(summary.unlinked)),
+            ("bytes reclaimed (est.)", str(summary.bytes_reclaimed)),
+            ("duration", f"{summary.duration:.3f}s"),
+        ]
+        _table(rows)
+        for action, key in summary.planned:
+            click.echo(f"would {'set ttl on' if action == 'ttl' else 'unlink'} {key}")
+        click.echo(summary.line())
+    if summary.skipped_locked:
+        sys.exit(EXIT_LOCKED)
+
+
+@perkey.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@_guard
+def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
+    """Show a task's keys, their type and TTL, and the decoded meta."""
+    backend = _backend(ctx)
+    client, layout = backend.client, backend.layout
+    report: dict[str, Any] = {"task_id": task_id, "keys": []}
+    names = [layout.result(task_id), layout.progress(task_id), layout.legacy(task_id)]
+    with backend._errors(f"inspect task {task_id!r}", names[0]):
+        for key in names:
+            kind = client.type(key).decode()
+            if kind == "none":
+                continue
+            entry: dict[str, Any] = {"key": key, "type": kind, "ttl_ms": client.pttl(key)}
+            raw = _raw_value(client, key, kind)
+            entry["raw"] = _safe(raw)
+            if key == names[0] and isinstance(raw, bytes):
+                try:
+                    record = keys.parse_ready(raw)
+                    entry["written_ms"] = record.written_ms
+                    entry["meta"] = _jsonable(backend._decode_meta(record.payload))
+                except Exception as exc:
+                    entry["error"] = f"{type(exc).__name__}: {exc}"
+            report["keys"].append(entry)
+    try:
+        report["state"] = _jsonable(backend.get_task_meta(task_id, cache=False))
+    except PerkeyError as exc:
+        report["state"] = {"status": "UNREADABLE", "error": str(exc)}
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=repr))
+    else:
+        click.echo(f"task {task_id}: {report['state'].get('status')}")
+        for entry in report["keys"]:
+            click.echo(f"  {entry['key']}  type={entry['type']}  ttl_ms={entry['ttl_ms']}")
+            if "meta" in entry:
+                click.echo(f"    meta: {json.dumps(entry['meta'], default=repr)}")
+            if "error" in entry:
+                click.echo(f"    unreadable: {entry['error']}")
+            click.echo(f"    raw: {entry['raw']}")
+    if not report["keys"]:
+        sys.exit(EXIT_NOT_FOUND)
+
+
+def _raw_value(client: Any, key: str, kind: str) -> Any:
+    if kind == "list":
+        return client.lindex(key, 0)
+    if kind == "string":
+        return client.get(key)
+    if kind == "stream":
+        return client.xrevrange(key, count=1)
+    return f"<{kind}>"
+
+
+def _safe(raw: Any, limit: int = 200) -> str:
+    """A printable, bounded rendering of raw bytes: never raw control bytes."""
+    text = repr(raw)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=repr))
+
+
+def _table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name.ljust(width)}  {value}")
