@@ -33,7 +33,7 @@ from .tasks import register_sweep_task
 
 if TYPE_CHECKING:
     from .metrics import KeyStats
-from .waiting import Deadline, ListBlocker, block_cap
+from .waiting import Deadline, ListBlocker, block_cap, blocking_call
 
 __all__ = ["PerkeyBackend"]
 
@@ -597,9 +597,12 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
                 on_message(meta)
             if deadline.expired:
                 raise TimeoutError(f"The operation timed out waiting for task {task_id!r}.")
-            block_ms = max(1, int(deadline.block_for(self._block_cap) * 1000))
+            block = deadline.block_for(self._block_cap)
             with self._errors(f"wait for task {task_id!r}", pkey):
-                news = self.client.xread({pkey: last}, block=block_ms)
+                news = blocking_call(
+                    self.client, block, "XREAD", "BLOCK", max(1, int(block * 1000)),
+                    "STREAMS", pkey, last,
+                )  # fmt: skip
             if not news and on_interval:
                 on_interval()
             # Whatever arrived is read again by the script, from ``last`` on.

@@ -9,11 +9,19 @@ server rounds blocking timeouts to its own clock tick.
 from __future__ import annotations
 
 import time
-from typing import cast
+from typing import Any, cast
 
 import redis
 
-__all__ = ["MAX_BLOCK", "MIN_BLOCK", "Deadline", "ListBlocker", "block_cap"]
+__all__ = [
+    "MAX_BLOCK",
+    "MIN_BLOCK",
+    "READ_MARGIN",
+    "Deadline",
+    "ListBlocker",
+    "block_cap",
+    "blocking_call",
+]
 
 #: The longest single blocking command. Long waits are made of several, so that a dead
 #: connection is noticed and parent failures of a chain are re-checked between them.
@@ -21,6 +29,10 @@ MAX_BLOCK = 10.0
 
 #: The shortest one: a blocking timeout of 0 means "forever" to the server.
 MIN_BLOCK = 0.01
+
+#: How much longer than a block its reply may take (the server's clock tick, a busy
+#: machine) before the connection counts as dead.
+READ_MARGIN = 0.5
 
 
 def block_cap(socket_timeout: float | None) -> float:
@@ -67,6 +79,27 @@ class Deadline:
         return max(MIN_BLOCK, min(cap, left))
 
 
+def blocking_call(client: redis.Redis, seconds: float, *args: Any) -> Any:
+    """Run one blocking command whose reply may take up to ``seconds``.
+
+    The reply is read with a timeout of ``seconds`` plus :data:`READ_MARGIN`, not the
+    pool's socket timeout, so a server that stops answering (a blackholed link) cannot
+    hold a wait past its deadline by more than the margin. The raw reply is returned.
+
+    Raises
+    ------
+    redis.TimeoutError
+        If no reply came in time; the connection is then dropped, not reused.
+    """
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_command(*args)  # type: ignore[no-untyped-call]
+        return conn.read_response(timeout=seconds + READ_MARGIN)
+    finally:
+        pool.release(conn)
+
+
 class ListBlocker:
     """Issues the blocking list command of the configured read mode.
 
@@ -84,15 +117,16 @@ class ListBlocker:
     def pop(self, client: redis.Redis, key: str, seconds: float) -> bytes | None:
         """Block up to ``seconds`` on ``key``; the element, or ``None`` on timeout."""
         if self.read_once:
-            reply = client.brpop([key], timeout=seconds)
+            reply = blocking_call(client, seconds, "BRPOP", key, seconds)
             return None if reply is None else cast(bytes, reply[1])
         if self._blmove:
             try:
-                # redis-py types the timeout as int; the server takes float seconds.
-                moved = client.blmove(key, key, seconds, "RIGHT", "LEFT")  # type: ignore[arg-type]
-                return cast("bytes | None", moved)
+                return cast(
+                    "bytes | None",
+                    blocking_call(client, seconds, "BLMOVE", key, key, "RIGHT", "LEFT", seconds),
+                )
             except redis.ResponseError as exc:
                 if "unknown command" not in str(exc).lower():
                     raise
                 self._blmove = False
-        return cast("bytes | None", client.brpoplpush(key, key, seconds))
+        return cast("bytes | None", blocking_call(client, seconds, "BRPOPLPUSH", key, key, seconds))
