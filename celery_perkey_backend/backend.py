@@ -322,7 +322,10 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         task_id = str(task_id)
         self._prefetched.pop(task_id, None)
         doomed = [self.layout.result(task_id), self.layout.progress(task_id)]
-        with self._errors(f"forget task {task_id!r}", doomed[0]), self.client.pipeline() as pipe:
+        with (
+            self._errors(f"forget task {task_id!r}", doomed[0]),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
             pipe.delete(*doomed)
             if self.legacy_fallback:
                 pipe.delete(self.layout.legacy(task_id))
@@ -399,10 +402,11 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         if not ids:
             return {}
         with self._errors("read results", None), self.client.pipeline(transaction=False) as pipe:
+            take = self._script(keys.TAKE)
             for task_id in ids:
                 rkey = self.layout.result(task_id)
                 if consume:
-                    pipe.rpop(rkey)
+                    take(keys=[rkey, self.layout.progress(task_id)], client=pipe)
                 else:
                     pipe.lindex(rkey, 0)
                 if self.legacy_fallback:
@@ -534,6 +538,10 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             failures = 0
             overran = False
             if element is not None:
+                if self.read_once:
+                    # Taken: its progress history goes too, so nothing is left behind.
+                    with self._errors(f"wait for task {task_id!r}", rkey):
+                        self.client.unlink(self.layout.progress(task_id))
                 return self._decode_ready(task_id, rkey, element)
             if on_interval:
                 on_interval()
@@ -654,19 +662,11 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
     def set_chord_size(self, group_id: str, chord_size: int) -> None:
         _, skey, _, ckey, _ = self.layout.chord_keys(group_id)
-        ttl = self._ttl_ms(self.chord_expires)
+        args = [int(chord_size), self._ttl_ms(self.chord_expires)]
 
         def write() -> None:
-            # Reapplying a frozen chord reuses its group id for a new run, so drop the
-            # old run's claim. Results are kept: Celery sets the size only as it sends
-            # the header's last task, and earlier ones may have returned already.
-            with (
-                self._errors(f"set size of chord {group_id!r}", skey),
-                self.client.pipeline(transaction=True) as pipe,
-            ):
-                pipe.delete(ckey)
-                pipe.set(skey, int(chord_size), px=ttl or None)
-                pipe.execute()
+            with self._errors(f"set size of chord {group_id!r}", skey):
+                self._script(keys.CHORD_SIZE)(keys=[skey, ckey], args=args)
 
         self._retrying(write, f"chord size of {group_id!r}")
 

@@ -84,6 +84,9 @@ class EmbeddedServer:
         Extra configuration, e.g. ``["--requirepass", "s3cret"]``.
     port:
         The TCP port; a free one when omitted. ``0`` disables TCP (unix socket only).
+    directory:
+        The data directory, to restart a server on the data it persisted (AOF); a new
+        temporary one when omitted. A given directory is left in place on stop.
     """
 
     def __init__(
@@ -91,11 +94,13 @@ class EmbeddedServer:
         binary: Path | str | None = None,
         args: Sequence[str] = (),
         port: int | None = None,
+        directory: Path | None = None,
     ) -> None:
         self.binary = Path(binary) if binary else find_server_binary()
         self.extra_args = list(args)
         self.port = free_port() if port is None else port
-        self.directory = Path(tempfile.mkdtemp(prefix="perkey-server-"))
+        self._owns_directory = directory is None
+        self.directory = directory or Path(tempfile.mkdtemp(prefix="perkey-server-"))
         self.unix_socket = self.directory / "redis.sock"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -113,6 +118,7 @@ class EmbeddedServer:
             "--dir", str(self.directory),
             "--save", "",
             "--appendonly", "no",
+            "--appendfsync", "always",
             "--daemonize", "no",
             "--logfile", str(self.directory / "server.log"),
             *self.extra_args,
@@ -170,7 +176,8 @@ class EmbeddedServer:
                 self.process.wait(10)
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self._owns_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedServer:
         return self.start() if self.process is None else self

@@ -29,13 +29,17 @@ import hashlib
 from dataclasses import dataclass
 
 __all__ = [
+    "ACL_COMMANDS",
     "CHORD_DONE",
     "CHORD_PART",
+    "CHORD_SIZE",
     "READY_LETTERS",
     "STORE",
+    "TAKE",
     "WATCH",
     "KeyLayout",
     "ReadyRecord",
+    "acl_rules",
     "glob_escape",
     "parse_ready",
 ]
@@ -184,6 +188,9 @@ local last, ttl, consume = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local ready
 if consume == '1' then
   ready = redis.call('RPOP', rkey)
+  if ready then
+    redis.call('UNLINK', pkey)
+  end
 else
   ready = redis.call('LINDEX', rkey, 0)
 end
@@ -197,6 +204,16 @@ if redis.call('EXISTS', pkey) == 0 then
   end
 end
 return {false, redis.call('XRANGE', pkey, '(' .. last, '+')}
+"""
+
+# Takes a ready result in read-once mode, and its progress history with it, so a
+# consumed task leaves no key behind. KEYS: result list, progress stream.
+TAKE = """
+local ready = redis.call('RPOP', KEYS[1])
+if ready then
+  redis.call('UNLINK', KEYS[2])
+end
+return ready
 """
 
 # Records one header result of a chord, once per task and header index, and claims
@@ -244,6 +261,18 @@ if count >= total and redis.call('SET', ckey, token, 'NX', 'EX', claim_ttl) then
   claimed = 1
 end
 return {count, total, claimed}
+"""
+
+# Sets a chord's size for a new run. Reapplying a frozen chord reuses its group id,
+# so the old run's claim goes; results stay: Celery sets the size only as it sends
+# the header's last task, and earlier parts may have returned already.
+# KEYS: s, c.  ARGV: size, TTL in ms (0: none).
+CHORD_SIZE = """
+redis.call('DEL', KEYS[2])
+if tonumber(ARGV[2]) > 0 then
+  return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return redis.call('SET', KEYS[1], ARGV[1])
 """
 
 # Drops a finished chord's data if the caller still holds the claim, and leaves a
@@ -454,3 +483,33 @@ return 0
 def glob_escape(text: str) -> str:
     """Escape glob metacharacters so that SCAN MATCH takes ``text`` literally."""
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+# -- least privilege ------------------------------------------------------------------
+
+#: Every command the backend, its scripts, the sweep, ``stats()`` and redis-py's
+#: connection handshake run. An ACL user limited to these and to our keys runs it all.
+ACL_COMMANDS = (
+    # connection
+    "hello", "auth", "client|setinfo", "client|setname", "ping", "select",
+    # results and waits
+    "evalsha", "eval", "script|load", "script|exists", "lindex", "rpush", "rpop", "lrange", "llen",
+    "blmove", "brpoplpush", "brpop", "xadd", "xrange", "xrevrange", "xread",
+    "xinfo|stream", "get", "set", "del", "unlink", "exists", "pexpire", "expire",
+    "time", "incr", "sadd", "zadd", "zcard", "zrange", "type", "pttl",
+    # sweep and stats
+    "scan", "dbsize", "info", "memory|usage",
+)  # fmt: skip
+
+
+def acl_rules(layout: KeyLayout) -> str:
+    """The ``ACL SETUSER`` rules for a least-privilege backend user.
+
+    It may touch only our keys, plus the legacy ``celery-task-meta-*`` keys that reads
+    fall back to during a switch from ``redis://`` (drop that pattern when
+    ``perkey_legacy_fallback`` is off).
+    """
+    patterns = f"~{glob_escape(layout.prefix)}* ~{glob_escape(layout.legacy_prefix)}*"
+    return f"resetkeys {patterns} resetchannels -@all " + " ".join(
+        f"+{command}" for command in ACL_COMMANDS
+    )

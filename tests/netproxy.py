@@ -1,7 +1,8 @@
 """A small TCP proxy of the tests' own, between a client and a real server.
 
-It can terminate TLS (so a plain server is reached over a real TLS connection) and
-cut every connection it carries, to break a client's connection for real.
+It can terminate TLS (so a plain server is reached over a real TLS connection), and
+inject real faults: cut every connection, delay traffic, blackhole it, or drop replies
+(the server acted, the client never hears).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 
 from celery_perkey_backend.embedded import free_port
 
@@ -25,6 +27,12 @@ class Proxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._closed = False
+        #: Seconds each chunk waits before it is forwarded.
+        self.delay = 0.0
+        #: Forward nothing, either way, but keep the connections open.
+        self.blackholed = False
+        #: Drop this many replies (server-to-client chunks), then forward again.
+        self.drop_replies = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -45,12 +53,19 @@ class Proxy:
             return
         with self._lock:
             self._conns += [client, upstream]
-        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
-        self._pump(client, upstream)
+        threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+        self._pump(client, upstream, False)
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
         try:
             while data := source.recv(65536):
+                if self.delay:
+                    time.sleep(self.delay)
+                if self.blackholed:
+                    continue
+                if replies and self.drop_replies > 0:
+                    self.drop_replies -= 1
+                    continue
                 sink.sendall(data)
         except OSError:
             pass

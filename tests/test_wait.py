@@ -91,10 +91,20 @@ def _wait_for_blocked_clients(r: redis.Redis, count: int) -> None:
 
 def test_read_once_consumes(make_app: Any, r: redis.Redis) -> None:
     app = make_app(perkey_read_once=True)
+    app.backend.store_result("t1", None, states.STARTED)
     app.backend.store_result("t1", 7, states.SUCCESS)
     assert app.AsyncResult("t1").get(timeout=5) == 7
-    assert not r.exists(app.backend.layout.result("t1"))
+    # The result and its progress history are both gone.
+    assert r.dbsize() == 0
     assert app.AsyncResult("t1").state == states.PENDING
+    # The same for a result that arrives while the consumer blocks, and with on_message.
+    app.backend.store_result("t2", None, states.STARTED)
+    threading.Timer(0.2, app.backend.store_result, ("t2", 8, states.SUCCESS)).start()
+    assert app.AsyncResult("t2").get(timeout=5) == 8
+    app.backend.store_result("t3", None, states.STARTED)
+    threading.Timer(0.2, app.backend.store_result, ("t3", 9, states.SUCCESS)).start()
+    assert app.AsyncResult("t3").get(timeout=5, on_message=lambda m: None) == 9
+    assert r.dbsize() == 0
 
 
 def test_read_once_blocking_hands_result_to_one_waiter(make_app: Any, r: redis.Redis) -> None:

@@ -19,6 +19,15 @@ app.conf.update(
 )
 
 
+if os.environ.get("PERKEY_TEST_ACKS_LATE"):
+    # Redelivery of a task whose worker died: acknowledged only when done, and back in
+    # the queue soon after the worker is gone.
+    app.conf.task_acks_late = True
+    app.conf.task_reject_on_worker_lost = True
+    app.conf.broker_transport_options = {"visibility_timeout": 2}
+if os.environ.get("PERKEY_TEST_READ_ONCE"):
+    app.conf.perkey_read_once = True
+
 if os.environ.get("PERKEY_TEST_SWEEP_EVERY"):
     # The README's one beat entry for the sweep task.
     app.conf.beat_schedule = {
@@ -43,6 +52,14 @@ def steps(self, n: int) -> int:  # type: ignore[no-untyped-def]
         self.update_state(state="PROGRESS", meta={"i": i})
         time.sleep(0.05)
     return n
+
+
+@app.task(name="w.slow")
+def slow(seconds: float, value: object) -> object:
+    import time
+
+    time.sleep(seconds)
+    return value
 
 
 @app.task(name="w.total")

@@ -1,0 +1,64 @@
+"""A least-privilege ACL user, limited to our keys and our commands, runs everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import chord, group, states
+
+from celery_perkey_backend.keys import KeyLayout, acl_rules
+
+from .conftest import running_worker
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.fixture
+def acl_app(make_app: Any, r: redis.Redis, server: Any) -> Any:
+    rules = acl_rules(KeyLayout("celery-perkey:")).split()
+    r.acl_setuser("perkey", enabled=True, passwords=["+least-privilege"], reset=True)
+    r.execute_command("ACL", "SETUSER", "perkey", *rules)
+    yield make_app(backend=f"perkey://perkey:least-privilege@127.0.0.1:{server.port}/0")
+    r.acl_deluser("perkey")
+
+
+def test_the_whole_backend_runs_as_the_restricted_user(acl_app: Any, r: redis.Redis) -> None:
+    app = acl_app
+    tasks = app.tasks
+    with running_worker(app):
+        assert tasks["t.add"].delay(1, 2).get(timeout=10) == 3
+        seen: list[str] = []
+        assert (
+            tasks["t.progress"]
+            .delay(2, 0.01)
+            .get(timeout=10, on_message=lambda m: seen.append(m["status"]))
+            == "finished"
+        )
+        assert group(tasks["t.add"].s(i, i) for i in range(5))().get(timeout=10) == [0, 2, 4, 6, 8]
+        assert (
+            chord(tasks["t.add"].s(i, 1) for i in range(3))(tasks["t.tsum"].s()).get(timeout=10)
+            == 6
+        )
+        saved = group(tasks["t.add"].s(1, 1))()
+        saved.get(timeout=10)
+        saved.save()
+        assert app.GroupResult.restore(saved.id).get(timeout=10) == [2]
+        failing = tasks["t.fail"].delay()
+        assert failing.get(timeout=10, propagate=False) is not None
+    app.AsyncResult(failing.id).forget()
+    assert app.backend.stats().our_keys > 0
+    app.conf.result_expires = None
+    app.backend.store_result("forever", 1, states.SUCCESS)
+    summary = app.backend.run_sweep(delete=True, max_age=0)
+    assert summary.unlinked > 0
+    # The user really is restricted: a stranger's key is out of reach.
+    r.set("someone-else", "x")
+    with pytest.raises(redis.RedisError, match=r"NOPERM|No permissions"):
+        app.backend.client.get("someone-else")
+
+
+def test_the_readme_documents_the_same_rules() -> None:
+    assert acl_rules(KeyLayout("celery-perkey:")) in README.read_text()
