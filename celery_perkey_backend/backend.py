@@ -26,7 +26,14 @@ from kombu.utils.objects import cached_property
 from redis.commands.core import Script
 
 from . import keys
-from .connection import client_for, connection_kwargs, mask_url, redis_errors, to_redis_url
+from .connection import (
+    client_for,
+    connection_kwargs,
+    mask_url,
+    node_client,
+    redis_errors,
+    to_redis_url,
+)
 from .errors import BackendUnavailableError, ConfigurationError, CorruptResultError
 from .sweep import SweepOptions, SweepSummary, parse_duration, sweep
 from .tasks import register_sweep_task
@@ -56,6 +63,8 @@ DEFAULTS: Mapping[str, Any] = {
     "perkey_read_once": False,
     "perkey_legacy_fallback": True,
     "perkey_max_result_bytes": REDIS_MAX_BULK,
+    "perkey_min_replicas": 0,
+    "perkey_min_replicas_timeout": 1.0,
     "perkey_sweep_max_age": 86400.0,
     "perkey_sweep_delete": False,
     "perkey_sweep_ttl": None,
@@ -108,9 +117,18 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             prefix=global_prefix + self._setting("perkey_key_prefix"),
             legacy_prefix=global_prefix + keys.LEGACY_TASK_PREFIX,
         )
+        if self._redis_url.startswith("cluster://") and {"{", "}"} & set(self.layout.prefix):
+            raise ConfigurationError(
+                f"key prefix {self.layout.prefix!r} holds a brace: on a cluster it would "
+                "replace each key's hash tag; remove it from global_keyprefix/perkey_key_prefix"
+            )
         self.read_once: bool = bool(self._setting("perkey_read_once"))
         self.legacy_fallback: bool = bool(self._setting("perkey_legacy_fallback"))
         self.max_result_bytes: int = int(self._setting("perkey_max_result_bytes"))
+        self.min_replicas: int = int(self._setting("perkey_min_replicas"))
+        self.min_replicas_timeout: int = int(
+            parse_duration(self._setting("perkey_min_replicas_timeout"), "timeout") * 1000
+        )
         self.retry_policy = {
             **KeyValueStoreBackend.retry_policy,
             **(transport.get("retry_policy") or {}),
@@ -194,7 +212,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
     @cached_property
     def client(self) -> redis.Redis:
-        return client_for(self._redis_url, self._connection_kwargs)
+        return client_for(self._redis_url, self._connection_kwargs, self._transport_options)
 
     def _script(self, source: str) -> Script:
         """The registered form of one of the scripts in :mod:`.keys` (EVALSHA, then EVAL)."""
@@ -205,6 +223,38 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
     def _errors(self, where: str, key: str | None = None) -> Any:
         return redis_errors(where, self._redis_url, key)
+
+    def pipelined(
+        self,
+        build: Callable[[Any], None],
+        where: str,
+        key: str | None = None,
+        raise_on_error: bool = True,
+        on: redis.Redis | None = None,
+    ) -> list[Any]:
+        """Run the commands ``build`` queues as one pipelined round trip.
+
+        A server that lacks one of our scripts (a promoted replica, a flushed script
+        cache) gets them all loaded, and the pipeline runs once more: every command in
+        it is safe to repeat. On a cluster the pipeline is split per node, but it may
+        not hold scripts: those go through ``on``, the one node that holds their keys.
+        """
+        target = on if on is not None else self.client
+        for attempt in (1, 2):
+            with self._errors(where, key), target.pipeline(transaction=False) as pipe:
+                build(pipe)
+                try:
+                    replies: list[Any] = pipe.execute(raise_on_error=raise_on_error)
+                except redis.exceptions.NoScriptError:
+                    replies = [redis.exceptions.NoScriptError()]
+                if attempt == 1 and any(
+                    isinstance(r, redis.exceptions.NoScriptError) for r in replies
+                ):
+                    for source in list(self._scripts):
+                        target.script_load(source)
+                    continue
+                return replies
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         return isinstance(exc, BackendUnavailableError)
@@ -311,9 +361,27 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         rkey = self.layout.result(task_id)
         args = [letter, payload, self._ttl_ms(expires), PROGRESS_HISTORY]
 
+        store_keys = [rkey, self.layout.progress(task_id)]
+        where = f"store result of task {task_id!r}"
+
         def write() -> None:
-            with self._errors(f"store result of task {task_id!r}", rkey):
-                self._script(keys.STORE)(keys=[rkey, self.layout.progress(task_id)], args=args)
+            with self._errors(where, rkey):
+                if not self.min_replicas:
+                    self._script(keys.STORE)(keys=store_keys, args=args)
+                    return
+                # WAIT counts the replicas that have this connection's writes, so the
+                # script and WAIT share one connection to the key's primary.
+                with node_client(self.client, rkey).pipeline(transaction=False) as pipe:
+                    self._script(keys.STORE)(keys=store_keys, args=args, client=pipe)
+                    pipe.execute_command(  # type: ignore[no-untyped-call]
+                        "WAIT", self.min_replicas, self.min_replicas_timeout
+                    )
+                    acked = int(pipe.execute()[1])
+            if acked < self.min_replicas:
+                raise BackendUnavailableError(
+                    f"{where}: {acked} of {self.min_replicas} replicas acknowledged it "
+                    f"within {self.min_replicas_timeout} ms (perkey_min_replicas)"
+                )
 
         self._retrying(write, f"store of task {task_id!r}")
         return result
@@ -322,14 +390,15 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         task_id = str(task_id)
         self._prefetched.pop(task_id, None)
         doomed = [self.layout.result(task_id), self.layout.progress(task_id)]
-        with (
-            self._errors(f"forget task {task_id!r}", doomed[0]),
-            self.client.pipeline(transaction=False) as pipe,
-        ):
-            pipe.delete(*doomed)
-            if self.legacy_fallback:
-                pipe.delete(self.layout.legacy(task_id))
-            pipe.execute()
+
+        if self.legacy_fallback:
+            doomed.append(self.layout.legacy(task_id))
+
+        def build(pipe: Any) -> None:
+            for key in doomed:  # one by one: the legacy key lives in another slot
+                pipe.delete(key)
+
+        self.pipelined(build, f"forget task {task_id!r}", doomed[0])
 
     # -- reading ----------------------------------------------------------------------
 
@@ -367,15 +436,14 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         progress entry (``b"0-0"`` when there is none).
         """
         rkey, pkey = self.layout.result(task_id), self.layout.progress(task_id)
-        with (
-            self._errors(f"read result of task {task_id!r}", rkey),
-            self.client.pipeline(transaction=False) as pipe,
-        ):
+
+        def build(pipe: Any) -> None:
             pipe.lindex(rkey, 0)
             pipe.xrevrange(pkey, count=1)
             if self.legacy_fallback:
                 pipe.get(self.layout.legacy(task_id))
-            replies = pipe.execute()
+
+        replies = self.pipelined(build, f"read result of task {task_id!r}", rkey)
         ready, latest = replies[0], replies[1]
         last_id = latest[0][0] if latest else b"0-0"
         if ready is not None:
@@ -401,8 +469,19 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         ids = list(task_ids)
         if not ids:
             return {}
-        with self._errors("read results", None), self.client.pipeline(transaction=False) as pipe:
-            take = self._script(keys.TAKE)
+        take = self._script(keys.TAKE)
+        if consume and isinstance(self.client, redis.RedisCluster):
+            # A cluster pipeline refuses scripts: take them one by one.
+            with self._errors("read results", None):
+                taken = [take(keys=[self.layout.result(t), self.layout.progress(t)]) for t in ids]
+            fallback = self._fetch_ready(ids, consume=False) if self.legacy_fallback else {}
+            for task_id, element in zip(ids, taken, strict=True):
+                if element is not None:
+                    rkey = self.layout.result(task_id)
+                    fallback[task_id] = self._decode_ready(task_id, rkey, element)
+            return fallback
+
+        def build(pipe: Any) -> None:
             for task_id in ids:
                 rkey = self.layout.result(task_id)
                 if consume:
@@ -411,7 +490,8 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
                     pipe.lindex(rkey, 0)
                 if self.legacy_fallback:
                     pipe.get(self.layout.legacy(task_id))
-            replies = pipe.execute(raise_on_error=False)
+
+        replies = self.pipelined(build, "read results", None, raise_on_error=False)
         found: dict[str, Meta] = {}
         step = 2 if self.legacy_fallback else 1
         for i, task_id in enumerate(ids):
@@ -608,7 +688,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             block = deadline.block_for(self._block_cap)
             with self._errors(f"wait for task {task_id!r}", pkey):
                 news = blocking_call(
-                    self.client, block, "XREAD", "BLOCK", max(1, int(block * 1000)),
+                    self.client, pkey, block, "XREAD", "BLOCK", max(1, int(block * 1000)),
                     "STREAMS", pkey, last,
                 )  # fmt: skip
             if not news and on_interval:

@@ -17,7 +17,7 @@ import click
 from . import keys
 from .errors import PerkeyError
 from .metrics import TTL_BUCKETS, collect_stats
-from .sweep import CLASSES, parse_duration
+from .sweep import CLASSES, parse_duration, primaries
 from .tasks import uses_perkey
 
 __all__ = ["perkey"]
@@ -110,7 +110,7 @@ def sweep_command(
             parse_duration(max_age, "--max-age")
         except PerkeyError as exc:
             raise click.BadParameter(str(exc), param_hint="--max-age") from None
-    total = int(backend.client.dbsize())
+    total = sum(int(node.dbsize()) for node in primaries(backend.client))
     options = {"dry_run": dry_run, "delete": delete or None, "max_age": max_age}
     if total > PROGRESS_THRESHOLD and not as_json:
         with click.progressbar(length=total, label="sweeping", file=sys.stderr) as bar:

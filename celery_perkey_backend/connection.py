@@ -11,9 +11,10 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from .errors import BackendUnavailableError, ConfigurationError, StoreCommandError
 
@@ -21,12 +22,31 @@ __all__ = [
     "client_for",
     "connection_kwargs",
     "mask_url",
+    "node_client",
     "redis_errors",
     "to_redis_url",
 ]
 
 #: Schemes we accept after ``perkey+``, and what redis-py calls them.
-_SCHEMES = {"perkey": "redis", "redis": "redis", "rediss": "rediss", "unix": "unix"}
+_SCHEMES = {
+    "perkey": "redis",
+    "redis": "redis",
+    "rediss": "rediss",
+    "unix": "unix",
+    "cluster": "cluster",
+    "sentinel": "sentinel",
+}
+
+#: Lost connections, and errors of a cluster whose slots move or whose primaries fail
+#: over: all retried.
+RETRYABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.AskError,  # and MovedError, its subclass
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterError,  # ClusterDownError, MasterDownError
+    redis.exceptions.SlotNotCoveredError,
+)
 
 #: How Celery spells certificate requirements, mapped to what redis-py takes.
 _CERT_REQS = {
@@ -40,7 +60,7 @@ _CERT_REQS = {
 
 _SECRET_QUERY_ARGS = {"password", "sentinel_password"}
 
-_pools: dict[tuple[str, str], redis.ConnectionPool] = {}
+_clients: dict[tuple[str, str, str], redis.Redis] = {}
 _pools_lock = threading.Lock()
 
 
@@ -117,11 +137,12 @@ def connection_kwargs(conf: Mapping[str, Any]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "socket_timeout": _float_or_none(conf.get("redis_socket_timeout")),
         "socket_connect_timeout": _float_or_none(conf.get("redis_socket_connect_timeout")),
-        "retry_on_timeout": bool(conf.get("redis_retry_on_timeout")),
         # redis-py caps a pool at 100 unless told otherwise; each blocked waiter holds
         # a connection, so without a setting we do not cap.
         "max_connections": conf.get("redis_max_connections") or 2**31,
     }
+    if conf.get("redis_retry_on_timeout"):
+        kwargs["retry_on_timeout"] = True
     if conf.get("redis_backend_health_check_interval"):
         kwargs["health_check_interval"] = conf["redis_backend_health_check_interval"]
     if conf.get("redis_client_name"):
@@ -146,28 +167,93 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def client_for(url: str, kwargs: Mapping[str, Any]) -> redis.Redis:
-    """A client on the process-wide pool for ``url`` and ``kwargs``.
+def client_for(
+    url: str, kwargs: Mapping[str, Any], transport_options: Mapping[str, Any] | None = None
+) -> redis.Redis:
+    """A client on the process-wide pool (or cluster, or Sentinel) for ``url``.
+
+    ``cluster://h:p,h:p/0`` gives a :class:`redis.RedisCluster`;
+    ``sentinel://h:p;sentinel://h:p/0`` a client of the master that the Sentinels name
+    (``master_name`` and ``sentinel_kwargs`` come from the transport options, as in
+    Celery's ``sentinel://`` backend).
 
     Raises
     ------
     ConfigurationError
         If redis-py rejects the URL or an option; the URL is masked in the message.
     """
-    ident = (url, repr(sorted(kwargs.items(), key=lambda item: item[0])))
+    options = transport_options or {}
+    ident = (url, repr(sorted(kwargs.items(), key=lambda item: item[0])), repr(options))
     with _pools_lock:
-        pool = _pools.get(ident)
-        if pool is None:
-            options = dict(kwargs)
-            if url.startswith("unix://"):
-                # Options that make sense only for TCP.
-                options.pop("socket_keepalive", None)
+        client = _clients.get(ident)
+        if client is None:
             try:
-                pool = redis.ConnectionPool.from_url(url, **options)
-            except (ValueError, TypeError) as exc:
+                client = _build(url, dict(kwargs), options)
+            except (ValueError, TypeError, redis.RedisError, RedisClusterException) as exc:
                 raise ConfigurationError(f"result_backend {mask_url(url)!r}: {exc}") from None
-            _pools[ident] = pool
-    return redis.Redis(connection_pool=pool)
+            _clients[ident] = client
+    return client
+
+
+def _build(url: str, options: dict[str, Any], transport: Mapping[str, Any]) -> redis.Redis:
+    if url.startswith("cluster://"):
+        nodes, auth = _hosts(url, ",")
+        if auth.pop("db", 0):
+            raise ValueError("a cluster has only database 0")
+        options.pop("max_connections", None)
+        from redis.cluster import ClusterNode
+
+        startup = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
+        return redis.RedisCluster(startup_nodes=startup, **auth, **options)  # type: ignore[return-value]
+    if url.startswith("sentinel://"):
+        from redis.sentinel import Sentinel
+
+        nodes, auth = _hosts(url, ";")
+        master = transport.get("master_name") or auth.pop("master_name", None)
+        if not master:
+            raise ValueError("a sentinel:// backend needs master_name in its transport options")
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            nodes, sentinel_kwargs=transport.get("sentinel_kwargs"), **auth, **options
+        )
+        master_client: redis.Redis = sentinel.master_for(master, redis_class=redis.Redis)  # type: ignore[no-untyped-call]
+        return master_client
+    if url.startswith("unix://"):
+        # Options that make sense only for TCP.
+        options.pop("socket_keepalive", None)
+    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, **options))
+
+
+def _hosts(url: str, separator: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """The (host, port) pairs of a multi-host URL, and its credentials, db and query."""
+    nodes: list[tuple[str, int]] = []
+    extra: dict[str, Any] = {}
+    for part in url.split(separator):
+        if "://" not in part:
+            part = url.split("://", 1)[0] + "://" + part
+        parsed = urlsplit(part)
+        if parsed.hostname:
+            nodes.append((parsed.hostname, parsed.port or 6379))
+        if parsed.password:
+            extra["password"] = unquote(parsed.password)
+        if parsed.username:
+            extra["username"] = unquote(parsed.username)
+        db = parsed.path.strip("/")
+        if db:
+            extra["db"] = int(db)
+        for key, value in parse_qsl(parsed.query):
+            extra[key] = value
+    if not nodes:
+        raise ValueError("no host:port given")
+    return nodes, extra
+
+
+def node_client(client: redis.Redis, key: str) -> redis.Redis:
+    """The client of the server that holds ``key``: itself, or its cluster primary."""
+    if isinstance(client, redis.RedisCluster):
+        node = client.get_node_from_key(key)
+        found: redis.Redis = client.get_redis_connection(node)
+        return found
+    return client
 
 
 @contextmanager
@@ -192,13 +278,18 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
     """
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except RETRYABLE as exc:
         raise BackendUnavailableError(
             f"{where}: Redis at {mask_url(url)} is unavailable: {exc}"
         ) from exc
     except redis.RedisError as exc:
-        about = f" (key {key!r})" if key else ""
         text = str(exc)
+        if text.startswith(("UNBLOCKED", "LOADING", "READONLY")):
+            # A slot moved or a failover is under way: retry, as for a lost connection.
+            raise BackendUnavailableError(
+                f"{where}: Redis at {mask_url(url)} is changing its topology: {exc}"
+            ) from exc
+        about = f" (key {key!r})" if key else ""
         if "WRONGTYPE" in text:
             text = "the key holds a value of another type than this backend writes"
         raise StoreCommandError(f"{where}{about}: {text}") from exc

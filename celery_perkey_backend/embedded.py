@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = ["EmbeddedServer", "find_server_binary", "free_port", "running_server"]
 
@@ -136,7 +138,12 @@ class EmbeddedServer:
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + timeout
-        probe = redis.Redis(unix_socket_path=str(self.unix_socket), socket_timeout=1)
+        # No retries: a server that died during start-up must be noticed at once.
+        probe = redis.Redis(
+            unix_socket_path=str(self.unix_socket),
+            socket_timeout=1,
+            retry=Retry(NoBackoff(), 0),
+        )
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import keys
-from .sweep import SweepSummary, batch_script_keys, scan_keys, slot_groups
+from .sweep import SweepSummary, batch_script_keys, primaries, scan_keys, slot_groups
 
 if TYPE_CHECKING:
     from .backend import PerkeyBackend
@@ -80,24 +80,27 @@ def collect_stats(
     weights: list[int] = []
     script = backend._script(keys.STATS_BATCH)
     with backend._errors("stats", None):
-        stats.db_keys = int(client.dbsize())
-        stats.used_memory = int(client.info("memory")["used_memory"])
+        nodes = primaries(client)
+        stats.db_keys = sum(int(node.dbsize()) for node in nodes)
+        stats.used_memory = sum(int(node.info("memory")["used_memory"]) for node in nodes)
         now_ms = int(client.time()[0]) * 1000
         stats.sampled = stats.db_keys > sample_limit
         # When sampling, look at every key (no MATCH) so the share of ours is known.
         pattern = "*" if stats.sampled else layout.match_all
-        for page in scan_keys(client, pattern, 1000):
+        for node, page in scan_keys(client, pattern, 1000):
             page = page[: max(0, sample_limit - stats.examined)]
             stats.examined += len(page)
             ours = [k for k in page if k.startswith(layout.prefix)]
             groups = slot_groups(client, ours)
-            with client.pipeline(transaction=False) as pipe:
+
+            def build(pipe: Any, ours: list[str] = ours, groups: list[list[int]] = groups) -> None:
                 for group in groups:
                     flat = batch_script_keys(layout, ours, group)
                     script(keys=flat, args=[layout.prefix, len(group), *bounds], client=pipe)
                 for key in ours[: max(0, memory_samples - len(weights))]:
                     pipe.memory_usage(key)
-                replies = pipe.execute()
+
+            replies = backend.pipelined(build, "stats", on=node)
             for seen, counts, no_ttl, oldest, unexpected in replies[: len(groups)]:
                 for pair in seen:
                     code, _, count = pair.decode().partition("=")

@@ -158,15 +158,33 @@ def _server_ms(client: redis.Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def scan_keys(client: redis.Redis, pattern: str, count: int) -> Iterator[list[str]]:
-    """Pages of keys matching ``pattern``, decoded; SCAN may repeat a key."""
-    cursor = 0
-    while True:
-        cursor, page = client.scan(cursor, match=pattern, count=count)
-        if page:
-            yield [k if isinstance(k, str) else k.decode("utf-8", "surrogateescape") for k in page]
-        if cursor == 0:
-            return
+def primaries(client: redis.Redis) -> list[redis.Redis]:
+    """A client per primary: the server itself, or every primary of a cluster."""
+    if isinstance(client, redis.RedisCluster):
+        return [client.get_redis_connection(node) for node in client.get_primaries()]
+    return [client]
+
+
+def scan_keys(
+    client: redis.Redis, pattern: str, count: int
+) -> Iterator[tuple[redis.Redis, list[str]]]:
+    """Pages of keys matching ``pattern``, with the primary that holds them, decoded.
+
+    SCAN may repeat a key. Each page comes from one server, so the scripts that look at
+    it can be pipelined to that server (a cluster pipeline refuses scripts).
+    """
+    for node in primaries(client):
+        cursor = 0
+        while True:
+            cursor, page = node.scan(cursor, match=pattern, count=count)
+            if page:
+                yield node, [_text(k) for k in page]
+            if cursor == 0:
+                break
+
+
+def _text(key: bytes | str) -> str:
+    return key if isinstance(key, str) else key.decode("utf-8", "surrogateescape")
 
 
 def slot_groups(client: redis.Redis, names: list[str]) -> list[list[int]]:
@@ -205,12 +223,12 @@ def _run(
     start_ms = _server_ms(client)
     # Only keys last written before both the sweep's start and max_age ago may go.
     cutoff_ms = start_ms - int(options.max_age * 1000)
-    total = int(client.dbsize())
+    total = sum(int(node.dbsize()) for node in primaries(client))
     ttl_ms = max(1, int(options.ttl * 1000))
     weighed = [0, 0]  # bytes, keys weighed with MEMORY USAGE before unlinking
     renew = backend._script(keys.LOCK_RENEW)
     first = True
-    for chunk in _chunks(scan_keys(client, layout.match_all, options.scan_count), options):
+    for node, chunk in _chunks(scan_keys(client, layout.match_all, options.scan_count), options):
         if not first:
             if options.pause:
                 time.sleep(options.pause)
@@ -218,22 +236,30 @@ def _run(
                 logger.warning("perkey sweep: lost its lock, stopping early")
                 return
         first = False
-        _batch(backend, client, chunk, options, summary, cutoff_ms, ttl_ms, weighed)
+        _batch(backend, node, chunk, options, summary, cutoff_ms, ttl_ms, weighed)
         if progress:
             progress(summary.scanned, total)
     if weighed[1]:
         summary.bytes_reclaimed = int(weighed[0] / weighed[1] * summary.unlinked)
 
 
-def _chunks(pages: Iterator[list[str]], options: SweepOptions) -> Iterator[list[str]]:
+def _chunks(
+    pages: Iterator[tuple[redis.Redis, list[str]]], options: SweepOptions
+) -> Iterator[tuple[redis.Redis, list[str]]]:
+    """Batches of ``batch_size`` keys, each from one server."""
     pending: list[str] = []
-    for page in pages:
+    current: redis.Redis | None = None
+    for node, page in pages:
+        if current is not None and node is not current and pending:
+            yield current, pending
+            pending = []
+        current = node
         pending.extend(page)
         while len(pending) >= options.batch_size:
-            yield pending[: options.batch_size]
+            yield node, pending[: options.batch_size]
             pending = pending[options.batch_size :]
-    if pending:
-        yield pending
+    if current is not None and pending:
+        yield current, pending
 
 
 def _batch(
@@ -247,7 +273,7 @@ def _batch(
     weighed: list[int],
 ) -> None:
     script = backend._script(keys.SWEEP_BATCH)
-    groups = slot_groups(client, batch)
+    groups = slot_groups(backend.client, batch)
     head = [
         "0" if options.dry_run else "1",
         "1" if options.delete else "0",
@@ -256,11 +282,13 @@ def _batch(
         max(0, options.memory_samples - weighed[1]),
         backend.layout.prefix,
     ]
-    with backend._errors("sweep", None), client.pipeline(transaction=False) as pipe:
+
+    def build(pipe: Any) -> None:
         for group in groups:
             flat = batch_script_keys(backend.layout, batch, group)
             script(keys=flat, args=[*head, len(group)], client=pipe)
-        replies = pipe.execute()
+
+    replies = backend.pipelined(build, "sweep", on=client)
     for group, (classes, actions, size, count) in zip(groups, replies, strict=True):
         classes, actions = classes.decode(), actions.decode()
         weighed[0] += int(size)

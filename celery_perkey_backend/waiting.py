@@ -13,6 +13,8 @@ from typing import Any, cast
 
 import redis
 
+from .connection import node_client
+
 __all__ = [
     "MAX_BLOCK",
     "MIN_BLOCK",
@@ -79,7 +81,7 @@ class Deadline:
         return max(MIN_BLOCK, min(cap, left))
 
 
-def blocking_call(client: redis.Redis, seconds: float, *args: Any) -> Any:
+def blocking_call(client: redis.Redis, key: str, seconds: float, *args: Any) -> Any:
     """Run one blocking command whose reply may take up to ``seconds``.
 
     The reply is read with a timeout of ``seconds`` plus :data:`READ_MARGIN`, not the
@@ -91,6 +93,14 @@ def blocking_call(client: redis.Redis, seconds: float, *args: Any) -> Any:
     redis.TimeoutError
         If no reply came in time; the connection is then dropped, not reused.
     """
+    if isinstance(client, redis.RedisCluster):
+        # Straight to the node that owns the key. A MOVED or ASK (a slot migrating)
+        # refreshes the slot map, and the caller's retry goes to the new owner.
+        try:
+            return blocking_call(node_client(client, key), key, seconds, *args)
+        except (redis.exceptions.AskError, redis.ConnectionError):
+            client.nodes_manager.initialize()
+            raise
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
@@ -117,16 +127,20 @@ class ListBlocker:
     def pop(self, client: redis.Redis, key: str, seconds: float) -> bytes | None:
         """Block up to ``seconds`` on ``key``; the element, or ``None`` on timeout."""
         if self.read_once:
-            reply = blocking_call(client, seconds, "BRPOP", key, seconds)
+            reply = blocking_call(client, key, seconds, "BRPOP", key, seconds)
             return None if reply is None else cast(bytes, reply[1])
         if self._blmove:
             try:
                 return cast(
                     "bytes | None",
-                    blocking_call(client, seconds, "BLMOVE", key, key, "RIGHT", "LEFT", seconds),
+                    blocking_call(
+                        client, key, seconds, "BLMOVE", key, key, "RIGHT", "LEFT", seconds
+                    ),
                 )
             except redis.ResponseError as exc:
                 if "unknown command" not in str(exc).lower():
                     raise
                 self._blmove = False
-        return cast("bytes | None", blocking_call(client, seconds, "BRPOPLPUSH", key, key, seconds))
+        return cast(
+            "bytes | None", blocking_call(client, key, seconds, "BRPOPLPUSH", key, key, seconds)
+        )

@@ -1,0 +1,195 @@
+"""Scale-out: the whole backend on a real local Redis Cluster and under Sentinel."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import chord, group, states
+from redis.crc import key_slot
+
+from celery_perkey_backend import BackendUnavailableError
+
+from .conftest import running_worker
+from .topology import LocalCluster, LocalSentinel
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster() as local:
+        yield local
+
+
+@pytest.fixture
+def capp(make_app: Any, cluster: LocalCluster) -> Iterator[Any]:
+    app = make_app(backend=cluster.url, broker_url="memory://")
+    yield app
+    for port in cluster.primaries():
+        cluster.client(port).flushall()
+
+
+def _on_every_primary(cluster: LocalCluster, names: list[str]) -> set[int]:
+    return {cluster.primary_for_key(name) for name in names}
+
+
+def test_the_whole_backend_on_a_cluster(capp: Any, cluster: LocalCluster) -> None:
+    backend = capp.backend
+    assert isinstance(backend.client, redis.RedisCluster)
+    ids = [f"t{i}" for i in range(30)]
+    assert len(_on_every_primary(cluster, [backend.layout.result(t) for t in ids])) == 3
+    for i, task_id in enumerate(ids):
+        backend.store_result(task_id, i, states.SUCCESS)
+    # A group join reads every stored result in per-node pipelines.
+    joined = capp.GroupResult("g", [capp.AsyncResult(t) for t in ids]).get(timeout=5)
+    assert joined == list(range(30))
+    backend.store_result("p", {"step": 1}, "PROGRESS")
+    assert capp.AsyncResult("p").info == {"step": 1}
+    seen: list[str] = []
+    threading.Timer(0.3, backend.store_result, ("p", "done", states.SUCCESS)).start()
+    assert capp.AsyncResult("p").get(timeout=5, on_message=lambda m: seen.append(m["status"]))
+    assert seen == ["PROGRESS", states.SUCCESS]
+    with running_worker(capp):
+        tasks = capp.tasks
+        assert tasks["t.add"].delay(2, 2).get(timeout=10) == 4
+        header = [tasks["t.add"].s(i, i) for i in range(6)]
+        assert chord(header)(tasks["t.tsum"].s()).get(timeout=15) == 30
+        saved = group(tasks["t.add"].s(1, i) for i in range(3))()
+        assert saved.get(timeout=10) == [1, 2, 3]
+        saved.save()
+        assert capp.GroupResult.restore(saved.id).get(timeout=5) == [1, 2, 3]
+        saved.delete()
+    capp.AsyncResult("t0").forget()
+    assert capp.AsyncResult("t0").state == states.PENDING
+
+
+def test_read_once_on_a_cluster(make_app: Any, cluster: LocalCluster, capp: Any) -> None:
+    once = make_app(backend=cluster.url, perkey_read_once=True)
+    for i in range(6):
+        once.backend.store_result(f"o{i}", i, states.SUCCESS)
+    got = once.GroupResult("g", [once.AsyncResult(f"o{i}") for i in range(6)]).get(timeout=5)
+    assert got == list(range(6))
+    assert sum(cluster.client(p).dbsize() for p in cluster.primaries()) == 0
+
+
+def test_sweep_and_stats_walk_every_primary(
+    make_app: Any, cluster: LocalCluster, capp: Any
+) -> None:
+    forever = make_app(backend=cluster.url)
+    forever.conf.result_expires = None
+    ids = [f"n{i}" for i in range(30)]
+    for task_id in ids:
+        forever.backend.store_result(task_id, 1, states.SUCCESS)
+    assert forever.backend.stats().by_kind == {"result": 30}
+    summary = forever.backend.run_sweep()
+    assert summary.by_class["no_ttl"] == 30
+    assert summary.ttl_set == 30
+    client = forever.backend.client
+    assert all(client.ttl(forever.backend.layout.result(t)) > 0 for t in ids)
+
+
+def test_a_wait_survives_a_slot_migration(capp: Any, cluster: LocalCluster) -> None:
+    key = capp.backend.layout.result("moving")
+    slot = key_slot(key.encode())
+    source = cluster.primary_for_slot(slot)
+    target = next(p for p in cluster.primaries() if p != source)
+    outcome: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: outcome.append(capp.AsyncResult("moving").get(timeout=30))
+    )
+    waiter.start()
+    time.sleep(0.3)
+    cluster.migrate_slot(slot, target)
+    capp.backend.store_result("moving", "found after the move", states.SUCCESS)
+    waiter.join(30)
+    assert outcome == ["found after the move"]
+    assert cluster.primary_for_key(key) == target
+
+
+def test_failover_during_a_wait_and_a_burst_of_stores(
+    make_app: Any, cluster: LocalCluster, capp: Any
+) -> None:
+    app = make_app(backend=cluster.url, perkey_min_replicas=1, redis_socket_timeout=2)
+    key = app.backend.layout.result("awaited")
+    outcome: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: outcome.append(app.AsyncResult("awaited").get(timeout=60))
+    )
+    waiter.start()
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def burst() -> None:
+        n = 0
+        while not stop.is_set() and n < 2000:
+            task_id = f"b{n}"
+            try:
+                app.backend.store_result(task_id, n, states.SUCCESS)
+                acknowledged.append(task_id)
+            except BackendUnavailableError:
+                pass  # not acknowledged: allowed to be lost
+            n += 1
+
+    storer = threading.Thread(target=burst)
+    storer.start()
+    time.sleep(0.3)
+    cluster.failover(cluster.primary_for_key(key))
+    time.sleep(0.3)
+    stop.set()
+    storer.join(60)
+    app.backend.store_result("awaited", "after the failover", states.SUCCESS)
+    waiter.join(60)
+    assert outcome == ["after the failover"]
+    assert acknowledged
+    found = app.GroupResult("b", [app.AsyncResult(t) for t in acknowledged]).get(timeout=30)
+    assert len(found) == len(acknowledged)
+
+
+def test_sentinel_failover(make_app: Any) -> None:
+    with LocalSentinel() as sentinels:
+        url = "perkey+" + sentinels.sentinel_url
+        app = make_app(
+            backend=url,
+            result_backend_transport_options={"master_name": sentinels.master_name},
+            perkey_min_replicas=1,
+            redis_socket_timeout=2,
+        )
+        app.backend.store_result("before", "kept", states.SUCCESS)
+        outcome: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: outcome.append(app.AsyncResult("during").get(timeout=60))
+        )
+        waiter.start()
+        time.sleep(0.3)
+        old = sentinels.master_port()
+        new = sentinels.failover()
+        assert new != old
+        app.backend.store_result("during", "after the failover", states.SUCCESS)
+        waiter.join(60)
+        assert outcome == ["after the failover"]
+        assert app.AsyncResult("before").get(timeout=5) == "kept"
+
+
+def test_min_replicas_refuses_an_unreplicated_store(make_app: Any) -> None:
+    from celery_perkey_backend.embedded import EmbeddedServer
+
+    with EmbeddedServer() as lonely:
+        app = make_app(
+            backend=f"perkey://127.0.0.1:{lonely.port}/0",
+            perkey_min_replicas=1,
+            perkey_min_replicas_timeout=0.2,
+            result_backend_transport_options={"retry_policy": {"max_retries": 0}},
+        )
+        with pytest.raises(BackendUnavailableError, match="0 of 1 replicas"):
+            app.backend.store_result("t1", 1, states.SUCCESS)
+
+
+def test_a_braced_prefix_is_refused_on_a_cluster(make_app: Any, cluster: LocalCluster) -> None:
+    from celery_perkey_backend import ConfigurationError
+
+    app = make_app(backend=cluster.url, perkey_key_prefix="{app}:")
+    with pytest.raises(ConfigurationError, match="brace"):
+        _ = app.backend
