@@ -129,6 +129,17 @@ def to_redis_url(url: str | None) -> str:
     return converted
 
 
+#: Celery settings passed to redis-py when set, and the redis-py option each becomes.
+_OPTIONAL_SETTINGS = {
+    "redis_retry_on_timeout": "retry_on_timeout",
+    "redis_backend_health_check_interval": "health_check_interval",
+    "redis_client_name": "client_name",
+    "redis_socket_keepalive": "socket_keepalive",
+    "redis_username": "username",
+    "redis_password": "password",
+}
+
+
 def connection_kwargs(conf: Mapping[str, Any]) -> dict[str, Any]:
     """Map the ``redis_*`` Celery settings a Redis user already sets to redis-py options.
 
@@ -141,18 +152,11 @@ def connection_kwargs(conf: Mapping[str, Any]) -> dict[str, Any]:
         # a connection, so without a setting we do not cap.
         "max_connections": conf.get("redis_max_connections") or 2**31,
     }
-    if conf.get("redis_retry_on_timeout"):
-        kwargs["retry_on_timeout"] = True
-    if conf.get("redis_backend_health_check_interval"):
-        kwargs["health_check_interval"] = conf["redis_backend_health_check_interval"]
-    if conf.get("redis_client_name"):
-        kwargs["client_name"] = conf["redis_client_name"]
-    if conf.get("redis_socket_keepalive"):
-        kwargs["socket_keepalive"] = True
-    if conf.get("redis_username"):
-        kwargs["username"] = conf["redis_username"]
-    if conf.get("redis_password"):
-        kwargs["password"] = conf["redis_password"]
+    # Passed on only when set: redis-py warns about some of them, and a cluster or a
+    # unix socket refuses others.
+    for setting, option in _OPTIONAL_SETTINGS.items():
+        if conf.get(setting):
+            kwargs[option] = conf[setting]
     ssl = conf.get("redis_backend_use_ssl")
     if ssl:
         kwargs.update(ssl)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 from redis.crc import key_slot
@@ -166,6 +167,9 @@ class ClusterMember:
         )
 
 
+_M = TypeVar("_M", bound="_Members")
+
+
 class _Members:
     """Shared bookkeeping: servers by port, cached clients, kills, log tails."""
 
@@ -186,6 +190,31 @@ class _Members:
 
     def live_ports(self) -> list[int]:
         return [port for port in self.servers if port not in self._killed]
+
+    def start(self: _M) -> _M:
+        """Start every process and wait until the topology is healthy.
+
+        Raises
+        ------
+        TopologyError
+            If a process does not start or the topology does not settle in time; every
+            process started so far is stopped first.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _M) -> _M:
+        return self.start() if not self.servers else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _add(self, server: EmbeddedServer) -> EmbeddedServer:
         self.servers[server.port] = server  # registered first so stop() cleans up a failure
@@ -248,23 +277,8 @@ class LocalCluster(_Members):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> LocalCluster:
-        """Start the nodes, create the cluster with the binary's CLI, wait until it is healthy.
-
-        Raises
-        ------
-        TopologyError
-            If a node does not start, the CLI fails, or the cluster is not healthy in time;
-            every process started so far is stopped first.
-        """
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def _start(self) -> None:
+        """Start the nodes, create the cluster with the binary's CLI, wait until healthy."""
         cli = cli_for(self.binary)
         total = self.primary_count * (1 + self.replicas_per_primary)
         for _ in range(total):
@@ -302,12 +316,6 @@ class LocalCluster(_Members):
                 f"{done.stdout[-2000:]}{done.stderr[-2000:]}\n" + _tails(self.servers.values())
             )
         self.wait_healthy()
-
-    def __enter__(self) -> LocalCluster:
-        return self.start() if not self.servers else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- views -----------------------------------------------------------------------------
 
@@ -569,23 +577,8 @@ class LocalSentinel(_Members):
         self.sentinel_ports: list[int] = []
         self._fast_sentinels = False
 
-    def start(self) -> LocalSentinel:
-        """Start primary, replica and sentinels; wait until every sentinel knows them all.
-
-        Raises
-        ------
-        TopologyError
-            If a process does not start or the sentinels do not converge in time; every
-            process started so far is stopped first.
-        """
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def _start(self) -> None:
+        """Start primary, replica and sentinels; wait until every sentinel knows them all."""
         primary = self._add(EmbeddedServer(self.binary, _FAST_SYNC))
         replica_of = ["--replicaof", HOST, str(primary.port)]
         replica = self._add(EmbeddedServer(self.binary, [*_FAST_SYNC, *replica_of]))
@@ -619,12 +612,6 @@ class LocalSentinel(_Members):
         except redis.ResponseError:
             return False
         return True
-
-    def __enter__(self) -> LocalSentinel:
-        return self.start() if not self.servers else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def stop(self) -> None:
         super().stop()

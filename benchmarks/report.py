@@ -1,0 +1,312 @@
+"""The Markdown table of results and the targets, from per-round values."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .common import LABELS, Metric, Results, median
+
+#: Every metric, grouped into the report's sections, in order.
+SECTIONS: list[tuple[str, str, list[Metric]]] = [
+    (
+        "store_read",
+        "1-2. Store and ready read (per call, lower is better)",
+        [
+            Metric("store", "store_read", "store `store_result()`", "ns"),
+            Metric("read", "store_read", "ready read `AsyncResult(id).get()`", "ns"),
+        ],
+    ),
+    (
+        "wake",
+        "3. Wake latency: store issued in another process to `get()` returning",
+        [
+            Metric("wake_p50", "wake", "p50", "ns"),
+            Metric("wake_p90", "wake", "p90", "ns"),
+            Metric("wake_p99", "wake", "p99", "ns"),
+        ],
+    ),
+    (
+        "join",
+        "4. Join of a group (`GroupResult.get()`)",
+        [
+            Metric("join_stored", "join", "all stored", "ns"),
+            Metric("join_arriving", "join", "arriving: first store to return", "ns"),
+            Metric("join_arriving_tail", "join", "arriving: last store to return", "ns"),
+        ],
+    ),
+    (
+        "publish",
+        "5. `apply_async` publish rate, no worker (higher is better)",
+        [Metric("publish", "publish", "tasks/s", "per_s", lower_is_better=False)],
+    ),
+    (
+        "e2e",
+        "6. End to end with a `celery worker` subprocess",
+        [
+            Metric("e2e_sequential", "e2e", "sequential `delay().get()`", "ns"),
+            Metric("e2e_burst", "e2e", "burst gathered, tasks/s", "per_s", lower_is_better=False),
+        ],
+    ),
+    (
+        "memory",
+        "7. Server memory per stored result",
+        [
+            Metric("mem_result@redis7", "memory", "Redis 7.0: used_memory / result", "bytes"),
+            Metric("mem_key@redis7", "memory", "Redis 7.0: MEMORY USAGE", "bytes"),
+            Metric("mem_result@valkey8", "memory", "Valkey 8: used_memory / result", "bytes"),
+            Metric("mem_key@valkey8", "memory", "Valkey 8: MEMORY USAGE", "bytes"),
+        ],
+    ),
+    (
+        "connections",
+        "8. Redis connections held while threads wait on different results",
+        [
+            Metric("connections", "connections", "connections (CLIENT LIST)", "count"),
+            Metric("connections_server", "connections", "blocked clients / channels", "count"),
+        ],
+    ),
+    (
+        "sweep",
+        "9. The sweeper",
+        [
+            Metric("sweep_scan_rate", "sweep", "keys scanned/s", "per_s", lower_is_better=False),
+            Metric("sweep_scan_wall", "sweep", "one sweep over the keyspace", "ns"),
+            Metric("sweep_ttl_orphans", "sweep", "give the orphans a TTL", "ns"),
+            Metric("sweep_unlink_orphans", "sweep", "unlink the orphans", "ns"),
+            Metric("sweep_probe_p50_idle", "sweep", "other client's PING p50, no sweep", "ns"),
+            Metric("sweep_probe_p50_during", "sweep", "... p50, during a sweep", "ns"),
+            Metric("sweep_probe_p99_idle", "sweep", "other client's PING p99, no sweep", "ns"),
+            Metric("sweep_probe_p99_during", "sweep", "... p99, during a sweep", "ns"),
+        ],
+    ),
+]
+
+METRICS = {metric.key: metric for _, _, metrics in SECTIONS for metric in metrics}
+
+
+def _sig(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def fmt(value: float, unit: str) -> str:
+    """A value with its unit, three significant digits or so."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    if unit == "ns":
+        for scale, name in ((1e9, "s"), (1e6, "ms"), (1e3, "µs")):
+            if abs(value) >= scale:
+                return f"{_sig(value / scale)} {name}"
+        return f"{value:.0f} ns"
+    if unit == "per_s":
+        if value >= 1e6:
+            return f"{_sig(value / 1e6)} M/s"
+        if value >= 1e3:
+            return f"{_sig(value / 1e3)} k/s"
+        return f"{_sig(value)}/s"
+    if unit == "bytes":
+        return f"{value:.0f} B"
+    if unit == "ratio":
+        return f"{_sig(value)}x"
+    return f"{value:.0f}"
+
+
+def cell(values: Sequence[float], unit: str) -> str:
+    """``median (min-max)`` of per-round values."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt(values[0], unit)
+    return f"{fmt(median(values), unit)} ({fmt(min(values), unit)} - {fmt(max(values), unit)})"
+
+
+def section_table(results: Results, metrics: Sequence[Metric]) -> list[str]:
+    backends: list[str] = []
+    for metric in metrics:
+        for backend in results.backends_for(metric.key):
+            if backend not in backends:
+                backends.append(backend)
+    if not backends:
+        return []
+    lines = [
+        "| backend | " + " | ".join(m.title for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for backend in backends:
+        cells = [cell(results.get(m.key, backend), m.unit) for m in metrics]
+        lines.append(f"| {LABELS.get(backend, backend)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# -- targets -------------------------------------------------------------------------
+
+
+def round_ratios(results: Results, metric: str, top: str, bottom: str) -> list[float]:
+    """``top / bottom`` round by round (the backends alternate, so rounds pair up)."""
+    a, b = results.get(metric, top), results.get(metric, bottom)
+    if not a or not b:
+        return []
+    if len(a) != len(b):
+        return [median(a) / median(b)]
+    return [x / y for x, y in zip(a, b, strict=True) if y]
+
+
+def _ratio_text(ratios: Sequence[float]) -> str:
+    return cell(ratios, "ratio")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    measured: str
+    met: bool | None  # None: could not be measured
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    evaluate: Callable[[Results], Outcome]
+
+
+def _faster(metric: str, factor: float, floor: str = "redis") -> Callable[[Results], Outcome]:
+    """perkey at least ``factor`` times lower than ``floor`` on a lower-is-better metric."""
+
+    def evaluate(results: Results) -> Outcome:
+        ratios = round_ratios(results, metric, floor, "perkey")
+        if not ratios:
+            return Outcome("not measured", None)
+        once = round_ratios(results, metric, floor, "perkey-once")
+        extra = f"; read-once {_ratio_text(once)}" if once else ""
+        return Outcome(f"{_ratio_text(ratios)}{extra}", median(ratios) >= factor)
+
+    return evaluate
+
+
+def _not_lower(metric: str) -> Callable[[Results], Outcome]:
+    """perkey's rate at least redis://'s (higher is better)."""
+
+    def evaluate(results: Results) -> Outcome:
+        ratios = round_ratios(results, metric, "perkey", "redis")
+        if not ratios:
+            return Outcome("not measured", None)
+        unit = METRICS[metric].unit
+        text = (
+            f"perkey {fmt(median(results.get(metric, 'perkey')), unit)} vs redis:// "
+            f"{fmt(median(results.get(metric, 'redis')), unit)}: {_ratio_text(ratios)}"
+        )
+        return Outcome(text, median(ratios) >= 1.0)
+
+    return evaluate
+
+
+def _near_floor(results: Results) -> Outcome:
+    ratios = round_ratios(results, "wake_p50", "perkey", "raw")
+    if not ratios:
+        return Outcome("not measured", None)
+    return Outcome(f"{_ratio_text(ratios)} of the floor", median(ratios) <= 1.5)
+
+
+def _memory(results: Results) -> Outcome:
+    parts = []
+    met: bool | None = None
+    for suffix, label in (("redis7", "Redis 7.0"), ("valkey8", "Valkey 8")):
+        ours = results.get(f"mem_result@{suffix}", "perkey")
+        theirs = results.get(f"mem_result@{suffix}", "redis")
+        if not ours or not theirs:
+            parts.append(f"{label}: not measured")
+            continue
+        delta = median(ours) - median(theirs)
+        parts.append(
+            f"{label}: {fmt(median(ours), 'bytes')} vs {fmt(median(theirs), 'bytes')} "
+            f"({delta:+.0f} B)"
+        )
+        if suffix == "redis7":
+            met = delta <= 100
+    return Outcome("; ".join(parts), met)
+
+
+def _orphans(results: Results) -> Outcome:
+    ttl = results.get("sweep_ttl_orphans", "perkey")
+    unlink = results.get("sweep_unlink_orphans", "perkey")
+    if not ttl:
+        return Outcome("not measured", None)
+    n = results.meta.get("sweep_sizes", {}).get("orphans", "?")
+    text = f"{n} orphans: TTL {cell(ttl, 'ns')}; unlink {cell(unlink, 'ns')}"
+    return Outcome(text, median(ttl) < 50e6 and (not unlink or median(unlink) < 50e6))
+
+
+def _scan(results: Results) -> Outcome:
+    rate = results.get("sweep_scan_rate", "perkey")
+    if not rate:
+        return Outcome("not measured", None)
+    n = results.meta.get("sweep_sizes", {}).get("keys", "?")
+    return Outcome(f"{cell(rate, 'per_s')} over {n} keys", median(rate) >= 100_000)
+
+
+TARGETS = [
+    Target("wake p50 ≥ 3x lower than redis://", _faster("wake_p50", 3.0)),
+    Target("wake p50 within 1.5x of the raw LPUSH→BRPOP floor", _near_floor),
+    Target("ready read ≥ 2x faster than redis://", _faster("read", 2.0)),
+    Target("store ≥ 1.3x faster than redis://", _faster("store", 1.3)),
+    Target("join of 1,000 stored ≥ 2x faster than redis://", _faster("join_stored", 2.0)),
+    Target("publish rate no lower than redis://", _not_lower("publish")),
+    Target("end-to-end burst no lower than redis://", _not_lower("e2e_burst")),
+    Target("memory per result ≤ redis:// + 100 B on Redis 7.0", _memory),
+    Target("cleaning 1,000 orphans < 50 ms", _orphans),
+    Target("sweeper scans ≥ 100k keys/s", _scan),
+]
+
+
+def targets_table(results: Results) -> list[str]:
+    lines = ["| target | measured (median of per-round ratios, min - max) | |", "|---|---|---|"]
+    for target in TARGETS:
+        outcome = target.evaluate(results)
+        status = {True: "met", False: "**missed**", None: "n/a"}[outcome.met]
+        lines.append(f"| {target.text} | {outcome.measured} | {status} |")
+    return lines
+
+
+def render(results: Results, section_notes: dict[str, str]) -> str:
+    """The whole results.md."""
+    meta = results.meta
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by the harness in `benchmarks/`; do not edit by hand. How each figure "
+        "is measured: [README.md](README.md).",
+        "",
+        f"- Command: `{meta.get('command', '?')}`",
+        f"- Date: {meta.get('date', '?')}",
+        f"- Machine: {meta.get('machine', '?')}",
+        f"- Software: {meta.get('software', '?')}",
+        f"- Server: {meta.get('server', '?')}, private, on 127.0.0.1",
+        f"- Rounds: {meta.get('rounds', '?')} (heavy figures: {meta.get('heavy_rounds', '?')}); "
+        f"sizes: {meta.get('sizes', '?')}",
+        "",
+        "Each cell is the median over rounds of one per-round figure, with the smallest and "
+        "largest round in brackets. Within every round the backends take turns in the "
+        "same order, so drift hits each alike.",
+        "",
+    ]
+    if results.notes:
+        lines += ["Notes from this run:", ""]
+        lines += [f"- {note}" for note in results.notes]
+        lines.append("")
+    for key, heading, metrics in SECTIONS:
+        lines += [f"## {heading}", ""]
+        if key in results.unavailable:
+            lines += [results.unavailable[key], ""]
+            continue
+        table = section_table(results, metrics)
+        if not table:
+            lines += ["Not measured in this run.", ""]
+            continue
+        if key in section_notes:
+            lines += [section_notes[key], ""]
+        lines += [*table, ""]
+    lines += ["## Targets", "", *targets_table(results), ""]
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""The benchmark harness runs end to end at tiny sizes and writes its table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(240)
+def test_quick_benchmark_run_writes_the_table(tmp_path: Path) -> None:
+    # rpc:// is left out so that the test never depends on (or talks to) a RabbitMQ;
+    # db+sqlite:// and the plots are skipped by the harness itself when SQLAlchemy or
+    # matplotlib (the `bench` extra) are missing.
+    backends = "perkey,perkey-once,redis,sqlite,raw"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--rounds", "1",
+         "--backends", backends, "--max-minutes", "3", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=230,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "| perkey:// |" in table
+    assert "| redis:// |" in table
+    assert "## Targets" in table
+    assert " failed: " not in table, table
