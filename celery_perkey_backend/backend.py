@@ -54,6 +54,10 @@ REDIS_MAX_BULK = 512 * 1024 * 1024
 #: How many intermediate states a task's progress stream keeps.
 PROGRESS_HISTORY = 16
 
+#: How long a task's progress stream outlives its becoming ready (ms): long enough for
+#: every on_message waiter to see the marker, far shorter than the result's TTL.
+PROGRESS_GRACE_MS = 10_000
+
 #: The most pending results one prefetch asks for in its pipeline.
 PREFETCH_LIMIT = 5000
 
@@ -224,6 +228,16 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def _errors(self, where: str, key: str | None = None) -> Any:
         return redis_errors(where, self._redis_url, key)
 
+    def queue_script(
+        self, pipe: Any, source: str, script_keys: list[str], args: Iterable[Any] = ()
+    ) -> None:
+        """Queue one of our scripts in ``pipe`` as a bare EVALSHA.
+
+        redis-py would otherwise send SCRIPT EXISTS ahead of every such pipeline, one more
+        round trip each time; :meth:`pipelined` loads the scripts if a server lacks them.
+        """
+        pipe.evalsha(self._script(source).sha, len(script_keys), *script_keys, *args)
+
     def pipelined(
         self,
         build: Callable[[Any], None],
@@ -359,24 +373,28 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         letter = keys.READY_LETTERS.get(state, "") if state in states.READY_STATES else ""
         expires = self.failure_expires if state == states.FAILURE else self.expires
         rkey = self.layout.result(task_id)
-        args = [letter, payload, self._ttl_ms(expires), PROGRESS_HISTORY]
+        ttl_ms = self._ttl_ms(expires)
+        grace = min(ttl_ms, PROGRESS_GRACE_MS) if ttl_ms else PROGRESS_GRACE_MS
+        args = [letter, payload, ttl_ms, PROGRESS_HISTORY, grace]
 
         store_keys = [rkey, self.layout.progress(task_id)]
         where = f"store result of task {task_id!r}"
 
         def write() -> None:
-            with self._errors(where, rkey):
-                if not self.min_replicas:
+            if not self.min_replicas:
+                with self._errors(where, rkey):
                     self._script(keys.STORE)(keys=store_keys, args=args)
-                    return
-                # WAIT counts the replicas that have this connection's writes, so the
-                # script and WAIT share one connection to the key's primary.
-                with node_client(self.client, rkey).pipeline(transaction=False) as pipe:
-                    self._script(keys.STORE)(keys=store_keys, args=args, client=pipe)
-                    pipe.execute_command(  # type: ignore[no-untyped-call]
-                        "WAIT", self.min_replicas, self.min_replicas_timeout
-                    )
-                    acked = int(pipe.execute()[1])
+                return
+
+            # WAIT counts the replicas that have this connection's writes, so the
+            # script and WAIT share one connection to the key's primary.
+            def build(pipe: Any) -> None:
+                self.queue_script(pipe, keys.STORE, store_keys, args)
+                pipe.execute_command("WAIT", self.min_replicas, self.min_replicas_timeout)
+
+            with self._errors(where, rkey):
+                primary = node_client(self.client, rkey)
+            acked = int(self.pipelined(build, where, rkey, on=primary)[1])
             if acked < self.min_replicas:
                 raise BackendUnavailableError(
                     f"{where}: {acked} of {self.min_replicas} replicas acknowledged it "
@@ -429,12 +447,8 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             raise ValueError(f"expected a result meta with a status, got {type(meta).__name__}")
         return self.meta_from_decoded(meta)  # type: ignore[no-any-return]
 
-    def _read_state(self, task_id: str) -> tuple[Meta | None, bytes]:
-        """The latest stored state of one task, in one round trip.
-
-        Returns the meta (``None`` when nothing is stored) and the id of the newest
-        progress entry (``b"0-0"`` when there is none).
-        """
+    def _read_state(self, task_id: str) -> Meta | None:
+        """The latest stored state of one task, in one round trip; ``None`` if none."""
         rkey, pkey = self.layout.result(task_id), self.layout.progress(task_id)
 
         def build(pipe: Any) -> None:
@@ -445,47 +459,58 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
         replies = self.pipelined(build, f"read result of task {task_id!r}", rkey)
         ready, latest = replies[0], replies[1]
-        last_id = latest[0][0] if latest else b"0-0"
         if ready is not None:
-            return self._decode_ready(task_id, rkey, ready), last_id
+            return self._decode_ready(task_id, rkey, ready)
         if latest and keys.FIELD_META in latest[0][1]:
-            return self._decode_progress(task_id, latest[0][1]), last_id
+            return self._decode_progress(task_id, latest[0][1])
         if self.legacy_fallback and replies[2] is not None:
-            return self._decode_legacy(task_id, replies[2]), last_id
-        return None, last_id
+            return self._decode_legacy(task_id, replies[2])
+        return None
 
     def _get_task_meta_for(self, task_id: str) -> Meta:
-        meta, _ = self._read_state(str(task_id))
+        meta = self._read_state(str(task_id))
         if meta is None:
             return {"status": states.PENDING, "result": None}
         return meta
 
     def task_result_exists(self, task_id: str) -> bool:
-        meta, _ = self._read_state(str(task_id))
-        return meta is not None
+        return self._read_state(str(task_id)) is not None
+
+    def _fetch_one(self, task_id: str, consume: bool) -> Meta | None:
+        """One task's ready result: one command, and a second for the legacy key only
+        when there is no result of ours (a wait follows then anyway)."""
+        rkey = self.layout.result(task_id)
+        legacy = None
+        with self._errors(f"read result of task {task_id!r}", rkey):
+            if consume:
+                element = self._script(keys.TAKE)(keys=[rkey, self.layout.progress(task_id)])
+            else:
+                element = self.client.lindex(rkey, 0)
+            if element is None and self.legacy_fallback:
+                legacy = self.client.get(self.layout.legacy(task_id))
+        if element is not None:
+            return self._decode_ready(task_id, rkey, element)
+        if legacy is not None:
+            meta = self._decode_legacy(task_id, legacy)
+            if meta["status"] in states.READY_STATES:
+                return meta
+        return None
 
     def _fetch_ready(self, task_ids: Iterable[str], consume: bool) -> dict[str, Meta]:
         """Every ready result among ``task_ids``, in one pipelined round trip."""
         ids = list(task_ids)
+        if len(ids) == 1 or (consume and isinstance(self.client, redis.RedisCluster)):
+            # One id needs no pipeline; a cluster pipeline refuses the TAKE script.
+            single = {task_id: self._fetch_one(task_id, consume) for task_id in ids}
+            return {task_id: meta for task_id, meta in single.items() if meta is not None}
         if not ids:
             return {}
-        take = self._script(keys.TAKE)
-        if consume and isinstance(self.client, redis.RedisCluster):
-            # A cluster pipeline refuses scripts: take them one by one.
-            with self._errors("read results", None):
-                taken = [take(keys=[self.layout.result(t), self.layout.progress(t)]) for t in ids]
-            fallback = self._fetch_ready(ids, consume=False) if self.legacy_fallback else {}
-            for task_id, element in zip(ids, taken, strict=True):
-                if element is not None:
-                    rkey = self.layout.result(task_id)
-                    fallback[task_id] = self._decode_ready(task_id, rkey, element)
-            return fallback
 
         def build(pipe: Any) -> None:
             for task_id in ids:
                 rkey = self.layout.result(task_id)
                 if consume:
-                    take(keys=[rkey, self.layout.progress(task_id)], client=pipe)
+                    self.queue_script(pipe, keys.TAKE, [rkey, self.layout.progress(task_id)])
                 else:
                     pipe.lindex(rkey, 0)
                 if self.legacy_fallback:

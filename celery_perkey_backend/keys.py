@@ -134,18 +134,20 @@ def parse_ready(element: bytes) -> ReadyRecord:
 #
 # KEYS: result list, progress stream.
 # ARGV: ready letter ("" for an intermediate state), encoded meta, TTL in ms (0: none),
-#       progress history length.
+#       progress history length, the progress stream's TTL in ms once the task is ready.
 #
 # A stored SUCCESS is final, as in Celery's own backends. A ready state replaces the
 # list's one element and gets its TTL before the script returns, so a waiter never
 # sees it without one: blocked clients are served only after the script ends. An
 # intermediate state goes to the stream, so list waiters never wake for it; a newer
 # intermediate state also clears an earlier non-SUCCESS ready one (a retried task).
-# Once ready, the stream (if any) gets a marker entry that wakes its readers.
+# Once ready, the stream (if any) gets a marker entry that wakes its readers, and then
+# only lives a short grace: the result answers every read, and a new stream costs the
+# server about 4 KB, which would otherwise stay for the whole result TTL.
 STORE = """
 local rkey, pkey = KEYS[1], KEYS[2]
 local letter, payload = ARGV[1], ARGV[2]
-local ttl, history = tonumber(ARGV[3]), ARGV[4]
+local ttl, history, grace = tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local current = redis.call('LINDEX', rkey, 0)
 if current and string.sub(current, 1, 1) == 'S' then
   return 0
@@ -162,14 +164,14 @@ if letter ~= '' then
   end
   if redis.call('EXISTS', pkey) == 1 then
     redis.call('XADD', pkey, 'MAXLEN', history, '*', 'r', letter)
-    if ttl > 0 then
-      redis.call('PEXPIRE', pkey, ttl)
-    end
+    redis.call('PEXPIRE', pkey, grace)
   end
 else
   redis.call('XADD', pkey, 'MAXLEN', history, '*', 'm', payload)
   if ttl > 0 then
     redis.call('PEXPIRE', pkey, ttl)
+  else
+    redis.call('PERSIST', pkey)
   end
 end
 return 1

@@ -78,7 +78,6 @@ def collect_stats(
     buckets = [0] * len(TTL_BUCKETS)
     oldest_ms = -1
     weights: list[int] = []
-    script = backend._script(keys.STATS_BATCH)
     with backend._errors("stats", None):
         nodes = primaries(client)
         stats.db_keys = sum(int(node.dbsize()) for node in nodes)
@@ -96,7 +95,9 @@ def collect_stats(
             def build(pipe: Any, ours: list[str] = ours, groups: list[list[int]] = groups) -> None:
                 for group in groups:
                     flat = batch_script_keys(layout, ours, group)
-                    script(keys=flat, args=[layout.prefix, len(group), *bounds], client=pipe)
+                    backend.queue_script(
+                        pipe, keys.STATS_BATCH, flat, [layout.prefix, len(group), *bounds]
+                    )
                 for key in ours[: max(0, memory_samples - len(weights))]:
                     pipe.memory_usage(key)
 

@@ -272,7 +272,6 @@ def _batch(
     ttl_ms: int,
     weighed: list[int],
 ) -> None:
-    script = backend._script(keys.SWEEP_BATCH)
     groups = slot_groups(backend.client, batch)
     head = [
         "0" if options.dry_run else "1",
@@ -286,7 +285,7 @@ def _batch(
     def build(pipe: Any) -> None:
         for group in groups:
             flat = batch_script_keys(backend.layout, batch, group)
-            script(keys=flat, args=[*head, len(group)], client=pipe)
+            backend.queue_script(pipe, keys.SWEEP_BATCH, flat, [*head, len(group)])
 
     replies = backend.pipelined(build, "sweep", on=client)
     for group, (classes, actions, size, count) in zip(groups, replies, strict=True):
