@@ -5,6 +5,7 @@
     python3 dev.py example    # run the example app on a private server with a real worker
     python3 dev.py lint       # ruff and mypy only
     python3 dev.py matrix     # the compatibility matrix: every server, every Python
+    python3 dev.py bench      # the benchmarks: docs/benchmarks/results.md and plots
 
 Each creates ``.venv`` on first use and installs what it needs there.
 """
@@ -120,13 +121,16 @@ def main(argv: list[str]) -> int:
         run(python, "-m", "pytest", "--cov", "--cov-report=term", "-m", "not slow", *rest)
     elif command == "matrix":
         matrix()
+    elif command == "bench":
+        python = ensure_env("bench")
+        run(python, "-m", "benchmarks", *rest)
     elif command == "lint":
         lint(ensure_env("dev"))
     elif command == "example":
         python = ensure_env("example")
         run(python, ROOT / "examples" / "run.py", *rest)
     else:
-        sys.exit(f"unknown command {command!r}; use test, lint, matrix or example")
+        sys.exit(f"unknown command {command!r}; use test, lint, matrix, bench or example")
     return 0
 
 

@@ -73,7 +73,7 @@ DEFAULTS: Mapping[str, Any] = {
     "perkey_sweep_delete": False,
     "perkey_sweep_ttl": None,
     "perkey_sweep_scan_count": 1000,
-    "perkey_sweep_batch_size": 500,
+    "perkey_sweep_batch_size": 200,
     "perkey_sweep_pause": 0.0,
     "perkey_sweep_lock_ttl": 60.0,
     "perkey_sweep_memory_samples": 100,

@@ -67,7 +67,7 @@ class SweepOptions:
     ttl: float = 86400.0
     dry_run: bool = False
     scan_count: int = 1000
-    batch_size: int = 500
+    batch_size: int = 200
     pause: float = 0.0
     lock_ttl: float = 60.0
     memory_samples: int = 100
