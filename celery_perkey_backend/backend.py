@@ -37,10 +37,10 @@ from .connection import (
 from .errors import BackendUnavailableError, ConfigurationError, CorruptResultError
 from .sweep import SweepOptions, SweepSummary, parse_duration, sweep
 from .tasks import register_sweep_task
+from .waiting import Deadline, ListBlocker, block_cap, blocking_call
 
 if TYPE_CHECKING:
     from .metrics import KeyStats
-from .waiting import Deadline, ListBlocker, block_cap, blocking_call
 
 __all__ = ["PerkeyBackend"]
 

@@ -38,7 +38,7 @@ PLAN_LIMIT = 1000
 
 @dataclass
 class SweepOptions:
-    """How a sweep behaves; each field defaults to the ``perkey_sweep_*`` setting.
+    """How a sweep behaves; ``backend.sweep_options()`` fills it from the settings.
 
     Parameters
     ----------
@@ -62,15 +62,15 @@ class SweepOptions:
         How many removed keys are weighed with MEMORY USAGE to estimate bytes reclaimed.
     """
 
-    max_age: float = 86400.0
-    delete: bool = False
-    ttl: float = 86400.0
+    max_age: float
+    delete: bool
+    ttl: float
+    scan_count: int
+    batch_size: int
+    pause: float
+    lock_ttl: float
+    memory_samples: int
     dry_run: bool = False
-    scan_count: int = 1000
-    batch_size: int = 200
-    pause: float = 0.0
-    lock_ttl: float = 60.0
-    memory_samples: int = 100
 
 
 @dataclass
