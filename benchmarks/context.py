@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from .helper import Helper
 
 @dataclass
 class Bench:
-    """Everything a figure needs: sizes, backends, apps, the helper process, results."""
+    """Everything a figure needs: sizes, backends, apps, the helper process, results.
+
+    With ``cluster_ports`` (the primaries of a Redis Cluster) the plain clients are
+    :class:`redis.RedisCluster` clients and a waiter is seen on whichever primary holds
+    its key; ``port`` is then one of those primaries.
+    """
 
     sizes: Sizes
     rounds: int
@@ -28,9 +34,11 @@ class Bench:
     specs: list[BackendSpec]
     helper: Helper
     pool: str = "prefork"
+    cluster_ports: tuple[int, ...] = ()
     apps: dict[str, Celery] = field(default_factory=dict)
     clients: dict[int, redis.Redis] = field(default_factory=dict)
     _sink: str | None = None
+    _monitors: list[redis.Redis] = field(default_factory=list)
 
     # -- backends and apps --------------------------------------------------------
 
@@ -76,12 +84,41 @@ class Bench:
                 conn.default_channel.queue_purge(self._sink)
 
     def client(self, db: int = 0) -> redis.Redis:
-        """A plain redis-py client on the private server."""
+        """A plain redis-py client on the private server (or on the cluster: db 0 only)."""
         if db not in self.clients:
-            self.clients[db] = redis.Redis(
-                host="127.0.0.1", port=self.port, db=db, socket_timeout=60
-            )
+            if self.cluster_ports:
+                if db:
+                    raise ValueError("a cluster has only database 0")
+                from redis.cluster import ClusterNode
+
+                nodes = [ClusterNode("127.0.0.1", port) for port in self.cluster_ports]
+                self.clients[db] = redis.RedisCluster(startup_nodes=nodes, socket_timeout=60)
+            else:
+                self.clients[db] = redis.Redis(
+                    host="127.0.0.1", port=self.port, db=db, socket_timeout=60
+                )
         return self.clients[db]
+
+    def pinger(self, db: int = 0) -> Callable[[], object]:
+        """One PING round trip; on a cluster, through the cluster client to one primary
+        (the primaries in turn), not to every node as ``RedisCluster.ping()`` does."""
+        client = self.client(db)
+        if not self.cluster_ports:
+            return client.ping
+        primaries = client.get_primaries()
+        turn = itertools.cycle(primaries)
+        return lambda: client.ping(target_nodes=next(turn))
+
+    def blocked_clients(self) -> int:
+        """Clients blocked in a command on the server, or summed over the primaries."""
+        if not self.cluster_ports:
+            return int(self.client(0).info("clients")["blocked_clients"])
+        if not self._monitors:
+            self._monitors = [
+                redis.Redis(host="127.0.0.1", port=port, socket_timeout=10)
+                for port in self.cluster_ports
+            ]
+        return sum(int(m.info("clients")["blocked_clients"]) for m in self._monitors)
 
     # -- rounds -------------------------------------------------------------------
 
@@ -109,5 +146,5 @@ class Bench:
                 conn.default_channel.queue_delete(self._sink)
         for app in self.apps.values():
             close_app(app)
-        for client in self.clients.values():
+        for client in [*self.clients.values(), *self._monitors]:
             client.close()

@@ -56,7 +56,7 @@ def join_arriving(bench: Bench, spec: BackendSpec, n: int) -> tuple[float, float
         "task_ids": ids,
         "probe": spec.probe,
         "reply_to": bench.reply_to(spec),
-        "need": int(bench.client(0).info("clients")["blocked_clients"]) + 1,
+        "need": bench.blocked_clients() + 1,
         "delay": 0.0 if spec.probe != "sleep" else SETTLE,
     }
     if spec.probe == "subscribed":

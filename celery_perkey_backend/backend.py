@@ -497,15 +497,31 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         return None
 
     def _fetch_ready(self, task_ids: Iterable[str], consume: bool) -> dict[str, Meta]:
-        """Every ready result among ``task_ids``, in one pipelined round trip."""
+        """Every ready result among ``task_ids``, in one pipelined round trip (per node)."""
         ids = list(task_ids)
-        if len(ids) == 1 or (consume and isinstance(self.client, redis.RedisCluster)):
-            # One id needs no pipeline; a cluster pipeline refuses the TAKE script.
+        if len(ids) <= 1:
             single = {task_id: self._fetch_one(task_id, consume) for task_id in ids}
             return {task_id: meta for task_id, meta in single.items() if meta is not None}
-        if not ids:
-            return {}
+        if not (consume and isinstance(self.client, redis.RedisCluster)):
+            return self._fetch_many(ids, consume, self.legacy_fallback)
+        # A cluster pipeline refuses the TAKE script: one pipeline per primary instead,
+        # then the legacy keys (in other slots) for what was not there.
+        by_node: dict[int, tuple[redis.Redis, list[str]]] = {}
+        with self._errors("read results", None):
+            for task_id in ids:
+                node = node_client(self.client, self.layout.result(task_id))
+                by_node.setdefault(id(node), (node, []))[1].append(task_id)
+        found: dict[str, Meta] = {}
+        for node, group in by_node.values():
+            found.update(self._fetch_many(group, True, False, on=node))
+        rest = [task_id for task_id in ids if task_id not in found]
+        if self.legacy_fallback and rest:
+            found.update(self._fetch_many(rest, False, True))
+        return found
 
+    def _fetch_many(
+        self, ids: list[str], consume: bool, legacy: bool, on: redis.Redis | None = None
+    ) -> dict[str, Meta]:
         def build(pipe: Any) -> None:
             for task_id in ids:
                 rkey = self.layout.result(task_id)
@@ -513,12 +529,12 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
                     self.queue_script(pipe, keys.TAKE, [rkey, self.layout.progress(task_id)])
                 else:
                     pipe.lindex(rkey, 0)
-                if self.legacy_fallback:
+                if legacy:
                     pipe.get(self.layout.legacy(task_id))
 
-        replies = self.pipelined(build, "read results", None, raise_on_error=False)
+        replies = self.pipelined(build, "read results", None, raise_on_error=False, on=on)
         found: dict[str, Meta] = {}
-        step = 2 if self.legacy_fallback else 1
+        step = 2 if legacy else 1
         for i, task_id in enumerate(ids):
             element = replies[i * step]
             if isinstance(element, redis.ResponseError):
@@ -527,9 +543,9 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             if element is not None:
                 found[task_id] = self._decode_ready(task_id, self.layout.result(task_id), element)
                 continue
-            legacy = replies[i * step + 1] if self.legacy_fallback else None
-            if legacy is not None and not isinstance(legacy, Exception):
-                meta = self._decode_legacy(task_id, legacy)
+            old = replies[i * step + 1] if legacy else None
+            if old is not None and not isinstance(old, Exception):
+                meta = self._decode_legacy(task_id, old)
                 if meta["status"] in states.READY_STATES:
                     found[task_id] = meta
         return found

@@ -251,10 +251,10 @@ def _hosts(url: str, separator: str) -> tuple[list[tuple[str, int]], dict[str, A
     return nodes, extra
 
 
-def node_client(client: redis.Redis, key: str) -> redis.Redis:
+def node_client(client: redis.Redis | redis.RedisCluster, key: str) -> redis.Redis:
     """The client of the server that holds ``key``: itself, or its cluster primary."""
     if isinstance(client, redis.RedisCluster):
-        node = client.get_node_from_key(key)
+        node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
         found: redis.Redis = client.get_redis_connection(node)
         return found
     return client

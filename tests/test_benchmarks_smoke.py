@@ -28,3 +28,25 @@ def test_quick_benchmark_run_writes_the_table(tmp_path: Path) -> None:
     assert "| redis:// |" in table
     assert "## Targets" in table
     assert " failed: " not in table, table
+
+
+@pytest.mark.timeout(120)
+def test_quick_cluster_run_writes_the_cluster_rows(tmp_path: Path) -> None:
+    # A local 3+3 Valkey Cluster and one Valkey server, both started by the harness on
+    # 127.0.0.1; only cluster.md is written, never results.md.
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--server", "cluster", "--quick", "--rounds", "1",
+         "--max-minutes", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not (tmp_path / "results.md").exists()
+    table = (tmp_path / "cluster.md").read_text(encoding="utf-8")
+    for row in ("| perkey:// | cluster |", "| perkey:// read-once | cluster |",
+                "| perkey:// | single |"):  # fmt: skip
+        assert table.count(row) == 3, row  # store and read, wake, join
+    assert table.count("| raw redis-py (floor) | cluster |") == 2  # the floor has no join
+    assert "## Cluster / single" in table
+    assert "| wake p50 | " in table
+    assert "redis:// not run" in table
+    assert " failed " not in table, table
