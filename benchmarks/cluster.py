@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -285,7 +282,7 @@ def render(results: Results, names: Sequence[str], figures: Sequence[str]) -> st
 
 def run_cluster(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     """``python -m benchmarks --server cluster``, from the parsed arguments."""
-    from .runner import FIGURES, _cpu_model, _log, _select, _version, _warm
+    from .runner import FIGURES, _log, _select, _warm, run_meta
 
     started = time.monotonic()
     load_start = os.getloadavg()[0]
@@ -356,15 +353,7 @@ def run_cluster(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
     results = merged(single_results, cluster_results)
     results.meta.update(
-        command=" ".join(["python -m benchmarks", *map(shlex.quote, argv or sys.argv[1:])]),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        machine=f"{len(os.sched_getaffinity(0))} CPUs ({_cpu_model()}), {platform.system()} "
-        f"{platform.release()}, load average {load_start:.2f} at the start, "
-        f"{os.getloadavg()[0]:.2f} at the end",
-        software=(
-            f"Python {platform.python_version()}, celery {_version('celery')}, kombu "
-            f"{_version('kombu')}, redis-py {_version('redis')}"
-        ),
+        run_meta(argv, load_start),
         server=server_name,
         rounds=rounds,
         group=sizes.group,

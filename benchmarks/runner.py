@@ -174,6 +174,21 @@ def rabbit_version(url: str = RABBIT_URL) -> str | None:
         return None
 
 
+def run_meta(
+    argv: Sequence[str] | None, load_start: float, more_software: str = ""
+) -> dict[str, str]:
+    """What every results file says about its run: command, date, machine, software."""
+    return {
+        "command": " ".join(["python -m benchmarks", *map(shlex.quote, argv or sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{len(os.sched_getaffinity(0))} CPUs ({_cpu_model()}), {platform.system()} "
+        f"{platform.release()}, load average {load_start:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end",
+        "software": f"Python {platform.python_version()}, celery {_version('celery')}, kombu "
+        f"{_version('kombu')}, redis-py {_version('redis')}" + more_software,
+    }
+
+
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -274,15 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             helper.close()
 
     results.meta.update(
-        command=" ".join(["python -m benchmarks", *map(shlex.quote, argv or sys.argv[1:])]),
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        machine=f"{len(os.sched_getaffinity(0))} CPUs ({_cpu_model()}), {platform.system()} "
-        f"{platform.release()}, load average {load_start:.2f} at the start, "
-        f"{os.getloadavg()[0]:.2f} at the end",
-        software=(
-            f"Python {platform.python_version()}, celery {_version('celery')}, kombu "
-            f"{_version('kombu')}, redis-py {_version('redis')}, SQLAlchemy "
-            f"{_version('SQLAlchemy')}" + (f", {rabbit}" if rabbit else "")
+        run_meta(
+            argv,
+            load_start,
+            f", SQLAlchemy {_version('SQLAlchemy')}" + (f", {rabbit}" if rabbit else ""),
         ),
         server=server_name,
         rounds=rounds,
