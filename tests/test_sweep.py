@@ -164,7 +164,9 @@ def test_lock_lost_midway_stops_the_sweep(no_ttl_app: Any, r: redis.Redis) -> No
         r.set(backend.layout.sweep_lock, "somebody else")
 
     summary = sweep(backend, batch_size=2, progress=steal)
-    assert summary.scanned == 2
+    # It stopped after the first batch of two (one of them may be the lock key itself,
+    # which is not counted: SCAN's order depends on the server).
+    assert 1 <= summary.scanned <= 2
     assert r.get(backend.layout.sweep_lock) == b"somebody else"
 
 
