@@ -161,3 +161,20 @@ def test_backend_pickles(app: Any) -> None:
 
     clone = pickle.loads(pickle.dumps(app.backend))
     assert clone.url == app.backend.url
+
+
+def test_passwords_stay_out_of_logs(make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    app = make_app(
+        backend=f"perkey://:hunter2@127.0.0.1:{free_port()}/0",
+        result_backend_always_retry=True,
+        result_backend_max_retries=1,
+        result_backend_base_sleep_between_retries_ms=1,
+        result_backend_transport_options={"retry_policy": {"max_retries": 1}},
+    )
+    with caplog.at_level(logging.DEBUG), pytest.raises(Exception) as info:
+        app.backend.store_result("t1", 1, states.SUCCESS)
+    assert caplog.records, "the retries should have been logged"
+    assert "hunter2" not in caplog.text
+    assert "hunter2" not in repr(info.value) + str(info.value)
