@@ -41,7 +41,7 @@ from .common import (
 )
 from .context import Bench
 from .helper import Helper
-from .report import SECTIONS, cell, round_ratios
+from .report import SECTIONS, cell, notes_lines, round_ratios
 
 #: The figures this mode runs, and the backends it runs them for.
 CLUSTER_FIGURES = ("store", "read", "wake", "join")
@@ -247,10 +247,7 @@ def render(results: Results, names: Sequence[str], figures: Sequence[str]) -> st
         "of one per-round figure, with the smallest and largest round in brackets.",
         "",
     ]
-    if results.notes:
-        lines += ["Notes from this run:", ""]
-        lines += [f"- {note}" for note in results.notes]
-        lines.append("")
+    lines += notes_lines(results)
     lines += [
         "## Cluster / single",
         "",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,20 @@ VALUE: dict[str, Any] = {
 GET_TIMEOUT = 30.0
 
 _app_numbers = itertools.count()
+
+
+def raw_client(
+    port: int, cluster_ports: Sequence[int], db: int, socket_timeout: float
+) -> redis.Redis:
+    """A plain client of the benchmark's server, or of its cluster when there is one."""
+    if cluster_ports:
+        if db:
+            raise ValueError("a cluster has only database 0")
+        from redis.cluster import ClusterNode
+
+        nodes = [ClusterNode("127.0.0.1", p) for p in cluster_ports]
+        return redis.RedisCluster(startup_nodes=nodes, socket_timeout=socket_timeout)  # type: ignore[return-value]
+    return redis.Redis(host="127.0.0.1", port=port, db=db, socket_timeout=socket_timeout)
 
 
 def now_ns() -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from .common import BackendSpec, Budget, Results, Sizes, close_app, make_app, new_id
+from .common import BackendSpec, Budget, Results, Sizes, close_app, make_app, new_id, raw_client
 from .helper import Helper
 
 
@@ -86,17 +86,7 @@ class Bench:
     def client(self, db: int = 0) -> redis.Redis:
         """A plain redis-py client on the private server (or on the cluster: db 0 only)."""
         if db not in self.clients:
-            if self.cluster_ports:
-                if db:
-                    raise ValueError("a cluster has only database 0")
-                from redis.cluster import ClusterNode
-
-                nodes = [ClusterNode("127.0.0.1", port) for port in self.cluster_ports]
-                self.clients[db] = redis.RedisCluster(startup_nodes=nodes, socket_timeout=60)
-            else:
-                self.clients[db] = redis.Redis(
-                    host="127.0.0.1", port=self.port, db=db, socket_timeout=60
-                )
+            self.clients[db] = raw_client(self.port, self.cluster_ports, db, 60)
         return self.clients[db]
 
     def pinger(self, db: int = 0) -> Callable[[], object]:

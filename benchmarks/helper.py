@@ -24,6 +24,7 @@ from .common import (
     make_app,
     now_ns,
     percentile,
+    raw_client,
     store_one,
     wait_until,
 )
@@ -57,15 +58,7 @@ class _Worker:
 
     def client(self, db: int) -> redis.Redis:
         if db not in self.raw:
-            if self.cluster_ports:
-                from redis.cluster import ClusterNode
-
-                nodes = [ClusterNode("127.0.0.1", p) for p in self.cluster_ports]
-                self.raw[db] = redis.RedisCluster(startup_nodes=nodes, socket_timeout=10)
-            else:
-                self.raw[db] = redis.Redis(
-                    host="127.0.0.1", port=self.port, db=db, socket_timeout=10
-                )
+            self.raw[db] = raw_client(self.port, self.cluster_ports, db, 10)
         return self.raw[db]
 
     def blocked(self) -> int:

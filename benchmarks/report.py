@@ -292,10 +292,7 @@ def render(results: Results, section_notes: dict[str, str]) -> str:
         "same order, so drift hits each alike.",
         "",
     ]
-    if results.notes:
-        lines += ["Notes from this run:", ""]
-        lines += [f"- {note}" for note in results.notes]
-        lines.append("")
+    lines += notes_lines(results)
     for key, heading, metrics in SECTIONS:
         lines += [f"## {heading}", ""]
         if key in results.unavailable:
@@ -310,3 +307,10 @@ def render(results: Results, section_notes: dict[str, str]) -> str:
         lines += [*table, ""]
     lines += ["## Targets", "", *targets_table(results), ""]
     return "\n".join(lines)
+
+
+def notes_lines(results: Results) -> list[str]:
+    """The "Notes from this run" block of a results file, or nothing."""
+    if not results.notes:
+        return []
+    return ["Notes from this run:", "", *(f"- {note}" for note in results.notes), ""]
