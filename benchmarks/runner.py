@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from celery_perkey_backend.embedded import find_server_binary, running_server
+from celery_perkey_backend.testing import find_server_binary, running_server
 
 from . import plots, report
 from .common import FULL, ORDER, QUICK, RABBIT_URL, ROOT, Budget, Results, build_specs, store_one

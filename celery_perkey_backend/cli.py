@@ -14,10 +14,12 @@ from typing import Any
 
 import click
 
-from . import keys
 from .errors import PerkeyError
-from .metrics import TTL_BUCKETS, collect_stats
-from .sweep import CLASSES, parse_duration, primaries
+from .keys import parse_ready
+from .settings import parse_duration
+from .stats import TTL_BUCKETS, collect_stats
+from .store import Record
+from .sweep import CLASSES
 from .tasks import uses_perkey
 
 __all__ = ["perkey"]
@@ -110,7 +112,7 @@ def sweep_command(
             parse_duration(max_age, "--max-age")
         except PerkeyError as exc:
             raise click.BadParameter(str(exc), param_hint="--max-age") from None
-    total = sum(int(node.dbsize()) for node in primaries(backend.client))
+    total = backend.store.dbsize()
     options = {"dry_run": dry_run, "delete": delete or None, "max_age": max_age}
     if total > PROGRESS_THRESHOLD and not as_json:
         with click.progressbar(length=total, label="sweeping", file=sys.stderr) as bar:
@@ -150,25 +152,20 @@ def sweep_command(
 def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
     """Show a task's keys, their type and TTL, and the decoded meta."""
     backend = _backend(ctx)
-    client, layout = backend.client, backend.layout
+    layout = backend.layout
     report: dict[str, Any] = {"task_id": task_id, "keys": []}
     names = [layout.result(task_id), layout.progress(task_id), layout.legacy(task_id)]
-    with backend._errors(f"inspect task {task_id!r}", names[0]):
-        for key in names:
-            kind = client.type(key).decode()
-            if kind == "none":
-                continue
-            entry: dict[str, Any] = {"key": key, "type": kind, "ttl_ms": client.pttl(key)}
-            raw = _raw_value(client, key, kind)
-            entry["raw"] = _safe(raw)
-            if key == names[0] and isinstance(raw, bytes):
-                try:
-                    record = keys.parse_ready(raw)
-                    entry["written_ms"] = record.written_ms
-                    entry["meta"] = _jsonable(backend._decode_meta(record.payload))
-                except Exception as exc:
-                    entry["error"] = f"{type(exc).__name__}: {exc}"
-            report["keys"].append(entry)
+    for info in backend.store.inspect(names, f"inspect task {task_id!r}"):
+        entry: dict[str, Any] = {"key": info.key, "type": info.type, "ttl_ms": info.ttl_ms}
+        entry["raw"] = _safe(info.raw)
+        if info.key == names[0] and isinstance(info.raw, bytes):
+            try:
+                entry["written_ms"] = parse_ready(info.raw).written_ms
+                meta = backend.decode_record(Record(task_id, info.key, info.raw, "ready"))
+                entry["meta"] = _jsonable(meta)
+            except Exception as exc:
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+        report["keys"].append(entry)
     try:
         report["state"] = _jsonable(backend.get_task_meta(task_id, cache=False))
     except PerkeyError as exc:
@@ -186,16 +183,6 @@ def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
             click.echo(f"    raw: {entry['raw']}")
     if not report["keys"]:
         sys.exit(EXIT_NOT_FOUND)
-
-
-def _raw_value(client: Any, key: str, kind: str) -> Any:
-    if kind == "list":
-        return client.lindex(key, 0)
-    if kind == "string":
-        return client.get(key)
-    if kind == "stream":
-        return client.xrevrange(key, count=1)
-    return f"<{kind}>"
 
 
 def _safe(raw: Any, limit: int = 200) -> str:

@@ -1,41 +1,48 @@
-"""Backend URLs, connection settings, shared pools and error translation.
+"""Clients and pools, error translation, and the one retry policy.
 
 Celery builds one backend instance per thread, so pools are shared deliberately: every
-instance in a process with the same URL and settings uses the same pool.
+instance in a process with the same URL and settings uses the same client. redis-py's
+own retries are off (every connection gets zero retries): :class:`RetryPolicy` is the
+only place a failed command is tried again, so attempt counts never multiply.
 """
 
 from __future__ import annotations
 
-import re
+import logging
+import random
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
+from redis.backoff import AbstractBackoff, NoBackoff
 from redis.exceptions import RedisClusterException
+from redis.retry import Retry
 
+from .deadline import Deadline
 from .errors import BackendUnavailableError, ConfigurationError, StoreCommandError
+from .settings import RetrySettings, Settings
+from .urls import mask_url
 
 __all__ = [
+    "READ_MARGIN",
+    "RetryPolicy",
+    "blocking_call",
     "client_for",
-    "connection_kwargs",
-    "mask_url",
     "node_client",
+    "primaries",
     "redis_errors",
-    "to_redis_url",
 ]
 
-#: Schemes we accept after ``perkey+``, and what redis-py calls them.
-_SCHEMES = {
-    "perkey": "redis",
-    "redis": "redis",
-    "rediss": "rediss",
-    "unix": "unix",
-    "cluster": "cluster",
-    "sentinel": "sentinel",
-}
+logger = logging.getLogger("celery_perkey_backend")
+
+T = TypeVar("T")
+
+#: How much longer than a block its reply may take (the server's clock tick, a busy
+#: machine) before the connection counts as dead.
+READ_MARGIN = 0.5
 
 #: Lost connections, and errors of a cluster whose slots move or whose primaries fail
 #: over: all retried.
@@ -48,133 +55,15 @@ RETRYABLE: tuple[type[Exception], ...] = (
     redis.exceptions.SlotNotCoveredError,
 )
 
-#: How Celery spells certificate requirements, mapped to what redis-py takes.
-_CERT_REQS = {
-    "cert_required": "required",
-    "cert_optional": "optional",
-    "cert_none": "none",
-    "required": "required",
-    "optional": "optional",
-    "none": "none",
-}
-
-_SECRET_QUERY_ARGS = {"password", "sentinel_password"}
+#: No retries inside redis-py: the policy below is the only one.
+_NO_RETRY = Retry(NoBackoff(), 0)
 
 _clients: dict[tuple[str, str, str], redis.Redis] = {}
-_pools_lock = threading.Lock()
+_clients_lock = threading.Lock()
 
 
-def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``**``, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:**@", url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:**@{hostinfo}" if colon else f"{userinfo}@{hostinfo}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "**" if k in _SECRET_QUERY_ARGS else v) for k, v in pairs])
-    return _unsplit(parts.scheme, netloc, parts.path, query)
-
-
-def _unsplit(scheme: str, netloc: str, path: str, query: str) -> str:
-    # urlunsplit drops the "//" of an empty host, which unix:///path needs.
-    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
-
-
-def to_redis_url(url: str | None) -> str:
-    """Turn the URL Celery hands us into one redis-py understands.
-
-    ``perkey://h/0`` arrives unchanged and becomes ``redis://h/0``; ``perkey+rediss://``
-    arrives as ``rediss://`` already. Celery spells certificate requirements
-    ``CERT_REQUIRED``; redis-py wants ``required``.
-
-    Raises
-    ------
-    ConfigurationError
-        If the scheme is not one we can connect with.
-    """
-    if not url:
-        return "redis://localhost:6379/0"
-    scheme, sep, rest = url.partition("://")
-    target = _SCHEMES.get(scheme.lower())
-    if not sep or target is None:
-        raise ConfigurationError(
-            f"result_backend {mask_url(url)!r}: unsupported scheme {scheme!r}; use "
-            "perkey://, perkey+redis://, perkey+rediss:// or perkey+unix://"
-        )
-    converted = f"{target}://{rest}"
-    parts = urlsplit(converted)
-    if parts.query:
-        pairs = []
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key == "ssl_cert_reqs":
-                if value.lower() not in _CERT_REQS:
-                    raise ConfigurationError(
-                        f"result_backend {mask_url(url)!r}: ssl_cert_reqs={value!r} is not one "
-                        "of CERT_REQUIRED, CERT_OPTIONAL, CERT_NONE"
-                    )
-                value = _CERT_REQS[value.lower()]
-            elif key.startswith("ssl_") and target == "redis":
-                raise ConfigurationError(
-                    f"result_backend {mask_url(url)!r}: TLS options need perkey+rediss://"
-                )
-            pairs.append((key, value))
-        converted = _unsplit(parts.scheme, parts.netloc, parts.path, urlencode(pairs))
-    return converted
-
-
-#: Celery settings passed to redis-py when set, and the redis-py option each becomes.
-_OPTIONAL_SETTINGS = {
-    "redis_retry_on_timeout": "retry_on_timeout",
-    "redis_backend_health_check_interval": "health_check_interval",
-    "redis_client_name": "client_name",
-    "redis_socket_keepalive": "socket_keepalive",
-    "redis_username": "username",
-    "redis_password": "password",
-}
-
-
-def connection_kwargs(conf: Mapping[str, Any]) -> dict[str, Any]:
-    """Map the ``redis_*`` Celery settings a Redis user already sets to redis-py options.
-
-    Values in the URL's query string win over these, as they do in Celery.
-    """
-    kwargs: dict[str, Any] = {
-        "socket_timeout": _float_or_none(conf.get("redis_socket_timeout")),
-        "socket_connect_timeout": _float_or_none(conf.get("redis_socket_connect_timeout")),
-        # redis-py caps a pool at 100 unless told otherwise; each blocked waiter holds
-        # a connection, so without a setting we do not cap.
-        "max_connections": conf.get("redis_max_connections") or 2**31,
-    }
-    # Passed on only when set: redis-py warns about some of them, and a cluster or a
-    # unix socket refuses others.
-    for setting, option in _OPTIONAL_SETTINGS.items():
-        if conf.get(setting):
-            kwargs[option] = conf[setting]
-    ssl = conf.get("redis_backend_use_ssl")
-    if ssl:
-        kwargs.update(ssl)
-        kwargs["connection_class"] = redis.SSLConnection
-        reqs = kwargs.get("ssl_cert_reqs")
-        if isinstance(reqs, str):
-            kwargs["ssl_cert_reqs"] = _CERT_REQS.get(reqs.lower(), reqs)
-    return kwargs
-
-
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def client_for(
-    url: str, kwargs: Mapping[str, Any], transport_options: Mapping[str, Any] | None = None
-) -> redis.Redis:
-    """A client on the process-wide pool (or cluster, or Sentinel) for ``url``.
+def client_for(settings: Settings) -> redis.Redis:
+    """A client on the process-wide pool (or cluster, or Sentinel) for ``settings``.
 
     ``cluster://h:p,h:p/0`` gives a :class:`redis.RedisCluster`;
     ``sentinel://h:p;sentinel://h:p/0`` a client of the master that the Sentinels name
@@ -186,13 +75,14 @@ def client_for(
     ConfigurationError
         If redis-py rejects the URL or an option; the URL is masked in the message.
     """
-    options = transport_options or {}
-    ident = (url, repr(sorted(kwargs.items(), key=lambda item: item[0])), repr(options))
-    with _pools_lock:
+    url, options = settings.redis_url, settings.connection_options
+    transport = settings.transport_options
+    ident = (url, repr(sorted(options.items())), repr(sorted(transport.items())))
+    with _clients_lock:
         client = _clients.get(ident)
         if client is None:
             try:
-                client = _build(url, dict(kwargs), options)
+                client = _build(url, dict(options), transport)
             except (ValueError, TypeError, redis.RedisError, RedisClusterException) as exc:
                 raise ConfigurationError(f"result_backend {mask_url(url)!r}: {exc}") from None
             _clients[ident] = client
@@ -200,6 +90,11 @@ def client_for(
 
 
 def _build(url: str, options: dict[str, Any], transport: Mapping[str, Any]) -> redis.Redis:
+    # redis_backend_use_ssl: each client kind takes TLS its own way.
+    tls = options.pop("ssl", False)
+    options["retry"] = _NO_RETRY
+    if url.startswith(("cluster://", "sentinel://")) and tls:
+        options["ssl"] = True
     if url.startswith("cluster://"):
         nodes, auth = _hosts(url, ",")
         if auth.pop("db", 0):
@@ -224,6 +119,11 @@ def _build(url: str, options: dict[str, Any], transport: Mapping[str, Any]) -> r
     if url.startswith("unix://"):
         # Options that make sense only for TCP.
         options.pop("socket_keepalive", None)
+    elif tls:
+        options["connection_class"] = redis.SSLConnection
+    # redis-py caps a pool at 100 unless told otherwise; each blocked waiter holds a
+    # connection, so without a setting we do not cap.
+    options.setdefault("max_connections", 2**31)
     return redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, **options))
 
 
@@ -258,6 +158,42 @@ def node_client(client: redis.Redis | redis.RedisCluster, key: str) -> redis.Red
         found: redis.Redis = client.get_redis_connection(node)
         return found
     return client
+
+
+def primaries(client: redis.Redis) -> list[redis.Redis]:
+    """A client per primary: the server itself, or every primary of a cluster."""
+    if isinstance(client, redis.RedisCluster):
+        return [client.get_redis_connection(node) for node in client.get_primaries()]
+    return [client]
+
+
+def blocking_call(client: redis.Redis, key: str, seconds: float, *args: Any) -> Any:
+    """Run one blocking command whose reply may take up to ``seconds``.
+
+    The reply is read with a timeout of ``seconds`` plus :data:`READ_MARGIN`, not the
+    pool's socket timeout, so a server that stops answering (a blackholed link) cannot
+    hold a wait past its deadline by more than the margin. The raw reply is returned.
+
+    Raises
+    ------
+    redis.TimeoutError
+        If no reply came in time; the connection is then dropped, not reused.
+    """
+    if isinstance(client, redis.RedisCluster):
+        # Straight to the node that owns the key. A MOVED or ASK (a slot migrating)
+        # refreshes the slot map, and the caller's retry goes to the new owner.
+        try:
+            return blocking_call(node_client(client, key), key, seconds, *args)
+        except (redis.exceptions.AskError, redis.ConnectionError):
+            client.nodes_manager.initialize()
+            raise
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_command(*args)  # type: ignore[no-untyped-call]
+        return conn.read_response(timeout=seconds + READ_MARGIN)
+    finally:
+        pool.release(conn)
 
 
 @contextmanager
@@ -297,3 +233,95 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
         if "WRONGTYPE" in text:
             text = "the key holds a value of another type than this backend writes"
         raise StoreCommandError(f"{where}{about}: {text}") from exc
+
+
+class _Pauses(AbstractBackoff):
+    """The pause before each retry, as :class:`RetrySettings` says, never past a deadline."""
+
+    def __init__(self, settings: RetrySettings, deadline: Deadline | None) -> None:
+        self._settings = settings
+        self._deadline = deadline
+
+    def reset(self) -> None:
+        pass
+
+    def compute(self, failures: int) -> float:
+        policy = self._settings
+        if policy.exponential:
+            pause = random.uniform(0, min(policy.max_pause_s, policy.first_pause_s * 2**failures))
+        else:
+            pause = min(
+                policy.first_pause_s + policy.pause_step_s * (failures - 1), policy.max_pause_s
+            )
+        left = self._deadline.remaining() if self._deadline is not None else None
+        return pause if left is None else min(pause, left)
+
+
+class RetryPolicy:
+    """The one policy by which lost connections are retried: stores, waits and chords.
+
+    It runs on redis-py's :class:`~redis.retry.Retry`; redis-py's clients themselves
+    never retry, so attempts never multiply.
+
+    Parameters
+    ----------
+    settings:
+        How many retries, and the pauses between them.
+    """
+
+    def __init__(self, settings: RetrySettings) -> None:
+        self.settings = settings
+
+    @property
+    def max_retries(self) -> int | None:
+        return self.settings.max_retries
+
+    def call(
+        self,
+        op: Callable[[], T],
+        what: str,
+        deadline: Deadline | None = None,
+        on_retry: Callable[[Exception, int], None] | None = None,
+    ) -> T:
+        """Run ``op``, retrying a :class:`BackendUnavailableError` by the policy.
+
+        Parameters
+        ----------
+        op:
+            The operation; it raises this package's errors.
+        what:
+            Named in the log line of each retry.
+        deadline:
+            No retry starts, and no pause lasts, past it.
+        on_retry:
+            Called instead of logging, with the error and the retry's number.
+
+        Raises
+        ------
+        BackendUnavailableError
+            The last failure, once retries or the deadline run out.
+        """
+        limit = self.settings.max_retries
+
+        def fail(error: Exception, failures: int) -> None:
+            if (limit is not None and failures > limit) or (
+                deadline is not None and deadline.expired
+            ):
+                raise error
+            if on_retry is not None:
+                on_retry(error, failures)
+            else:
+                logger.warning(
+                    "perkey: %s failed (%s); retry %d/%s",
+                    what,
+                    error,
+                    failures,
+                    "inf" if limit is None else limit,
+                )
+
+        retry = Retry(
+            _Pauses(self.settings, deadline),
+            -1 if limit is None else limit,
+            supported_errors=(BackendUnavailableError,),
+        )
+        return retry.call_with_retry(op, fail, with_failure_count=True)

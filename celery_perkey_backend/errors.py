@@ -2,7 +2,8 @@
 
 Every failure of the store that reaches a Celery user is one of these, never a raw
 redis-py exception. They derive from Celery's own ``BackendError`` family so that
-existing ``except`` clauses keep working.
+existing ``except`` clauses keep working; this is the only module below the Celery
+adapter that knows Celery, and only for these base classes.
 """
 
 from __future__ import annotations

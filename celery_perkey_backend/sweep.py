@@ -3,8 +3,8 @@
 Every entry point (``backend.cleanup()``, the ``celery_perkey_backend.sweep`` task, the
 ``celery perkey sweep`` command) runs :func:`sweep`. It walks only our own keys (SCAN
 with an escaped MATCH on the prefix), under a lock that keeps two sweeps from
-overlapping, in batches with optional pauses, and acts only through scripts that check
-again, atomically, that the action is still right for the key.
+overlapping, in batches with optional pauses, and acts only through a script that
+checks again, atomically, that the action is still right for the key.
 """
 
 from __future__ import annotations
@@ -12,33 +12,62 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis
 
-from . import keys
+from . import scripts
 from .errors import ConfigurationError
+from .keys import KeyLayout
+from .settings import Settings, parse_count, parse_duration, parse_flag
+from .store import ResultStore
 
-if TYPE_CHECKING:
-    from .backend import PerkeyBackend
-
-__all__ = ["CLASSES", "SweepOptions", "SweepSummary", "scan_keys", "sweep"]
+__all__ = [
+    "CLASSES",
+    "HasStore",
+    "KeyBatch",
+    "SweepOptions",
+    "SweepSummary",
+    "key_batches",
+    "store_of",
+    "sweep",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Every class a key can fall in, in report order.
 CLASSES = ("healthy", "no_ttl", "too_old", "leftover", "unexpected")
 
+#: What the sweep script's class letters stand for.
+CLASS_LETTERS = {
+    "H": "healthy",
+    "N": "no_ttl",
+    "O": "too_old",
+    "L": "leftover",
+    "U": "unexpected",
+}
+
 #: How many planned actions a dry run lists (the counts are always complete).
 PLAN_LIMIT = 1000
 
 
-@dataclass
+class HasStore(Protocol):
+    """Anything that carries a result store, such as the Celery backend."""
+
+    @property
+    def store(self) -> ResultStore: ...
+
+
+def store_of(target: ResultStore | HasStore) -> ResultStore:
+    """The store itself, or the one that ``target`` carries."""
+    return target if isinstance(target, ResultStore) else target.store
+
+
+@dataclass(frozen=True)
 class SweepOptions:
-    """How a sweep behaves; ``backend.sweep_options()`` fills it from the settings.
+    """How a sweep behaves: the ``perkey_sweep_*`` settings, or overrides of them.
 
     Parameters
     ----------
@@ -53,7 +82,7 @@ class SweepOptions:
     scan_count:
         SCAN's COUNT hint.
     batch_size:
-        Keys inspected (and fixed) per pipelined round trip.
+        Keys inspected (and fixed) per script call.
     pause:
         Seconds to sleep between batches, to keep other clients' latency flat.
     lock_ttl:
@@ -71,6 +100,35 @@ class SweepOptions:
     lock_ttl: float
     memory_samples: int
     dry_run: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> SweepOptions:
+        """The settings' sweep options, with ``overrides`` (``None`` keeps a setting).
+
+        Raises
+        ------
+        ConfigurationError
+            If an option is unknown or its value cannot be read.
+        """
+        readers: dict[str, tuple[Callable[[Any, str], Any], Any]] = {
+            "max_age": (parse_duration, settings.sweep_max_age_s),
+            "delete": (parse_flag, settings.sweep_delete),
+            "ttl": (parse_duration, settings.sweep_ttl_s),
+            "scan_count": (lambda v, n: parse_count(v, n, 1), settings.sweep_scan_count),
+            "batch_size": (lambda v, n: parse_count(v, n, 1), settings.sweep_batch_size),
+            "pause": (parse_duration, settings.sweep_pause_s),
+            "lock_ttl": (parse_duration, settings.sweep_lock_ttl_s),
+            "memory_samples": (parse_count, settings.sweep_memory_samples),
+            "dry_run": (parse_flag, False),
+        }
+        unknown = set(overrides) - set(readers)
+        if unknown:
+            raise ConfigurationError(f"unknown sweep option(s): {', '.join(sorted(unknown))}")
+        values = {
+            name: default if overrides.get(name) is None else read(overrides[name], name)
+            for name, (read, default) in readers.items()
+        }
+        return cls(**values)
 
 
 @dataclass
@@ -105,16 +163,14 @@ class SweepSummary:
 
 
 def sweep(
-    backend: PerkeyBackend,
+    target: ResultStore | HasStore,
     progress: Callable[[int, int], None] | None = None,
     **overrides: Any,
 ) -> SweepSummary:
-    """Run one sweep over ``backend``'s keys.
+    """Run one sweep over the keys of a store (or of the backend that carries it).
 
     Parameters
     ----------
-    backend:
-        The perkey backend whose keys (prefix, server) are swept.
     progress:
         Called after each batch with ``(keys scanned, keys in the database)``.
     overrides:
@@ -131,112 +187,94 @@ def sweep(
     ------
     BackendUnavailableError
         If the server cannot be reached.
+    ConfigurationError
+        If an override is unknown or unreadable.
     """
-    options = backend.sweep_options(**overrides)
+    store = store_of(target)
+    options = SweepOptions.from_settings(store.settings, **overrides)
     summary = SweepSummary(dry_run=options.dry_run)
     started = time.monotonic()
-    client = backend.client
-    layout = backend.layout
+    lock = store.layout.sweep_lock
     token = uuid.uuid4().hex
     lock_ms = max(1, int(options.lock_ttl * 1000))
-    with backend._errors("sweep", layout.sweep_lock):
-        if not client.set(layout.sweep_lock, token, nx=True, px=lock_ms):
-            summary.skipped_locked = True
-            logger.info(summary.line())
-            return summary
-        try:
-            _run(backend, client, options, summary, progress, token, lock_ms)
-        finally:
-            backend._script(keys.LOCK_RELEASE)(keys=[layout.sweep_lock], args=[token])
+    if not store.take_lock(lock, token, lock_ms):
+        summary.skipped_locked = True
+        logger.info(summary.line())
+        return summary
+    try:
+        _run(store, options, summary, progress, token, lock_ms)
+    finally:
+        store.release_lock(lock, token)
     summary.duration = time.monotonic() - started
     logger.info(summary.line())
     return summary
 
 
-def _server_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+@dataclass(frozen=True)
+class KeyBatch:
+    """Keys that one script call may look at together (they share a slot).
 
-
-def primaries(client: redis.Redis) -> list[redis.Redis]:
-    """A client per primary: the server itself, or every primary of a cluster."""
-    if isinstance(client, redis.RedisCluster):
-        return [client.get_redis_connection(node) for node in client.get_primaries()]
-    return [client]
-
-
-def scan_keys(
-    client: redis.Redis, pattern: str, count: int
-) -> Iterator[tuple[redis.Redis, list[str]]]:
-    """Pages of keys matching ``pattern``, with the primary that holds them, decoded.
-
-    SCAN may repeat a key. Each page comes from one server, so the scripts that look at
-    it can be pipelined to that server (a cluster pipeline refuses scripts).
+    ``keys`` are the batch's keys (``indexes`` says where each came from), then the
+    chord size keys they refer to, declared so that the call stays within its slot.
+    ``kinds`` has one kind code per batch key (``-`` for keys to skip); ``sizes`` says,
+    per batch key, the 1-based KEYS index of its chord's size key, or 0.
     """
-    for node in primaries(client):
-        cursor = 0
-        while True:
-            cursor, page = node.scan(cursor, match=pattern, count=count)
-            if page:
-                yield node, [_text(k) for k in page]
-            if cursor == 0:
-                break
+
+    indexes: list[int]
+    keys: list[str]
+    kinds: str
+    sizes: str
 
 
-def _text(key: bytes | str) -> str:
-    return key if isinstance(key, str) else key.decode("utf-8", "surrogateescape")
-
-
-def slot_groups(client: redis.Redis, names: list[str]) -> list[list[int]]:
-    """Indexes of ``names`` grouped so that each group's keys can share one script.
-
-    A single server takes them all at once; a cluster needs one group per slot.
-    """
-    if not isinstance(client, redis.RedisCluster):
-        return [list(range(len(names)))]
-    from redis.crc import key_slot
-
-    groups: dict[int, list[int]] = {}
-    for index, name in enumerate(names):
-        groups.setdefault(key_slot(name.encode("utf-8", "surrogateescape")), []).append(index)
-    return list(groups.values())
-
-
-def batch_script_keys(layout: keys.KeyLayout, names: list[str], group: list[int]) -> list[str]:
-    """KEYS for one sweep or stats script call: the keys, then their chords' size keys."""
-    batch = [names[index] for index in group]
-    chord_prefix = layout.prefix + "c:"
-    sizes = {name[:-1] + "s" for name in batch if name.startswith(chord_prefix)}
-    return batch + sorted(sizes)
+def key_batches(store: ResultStore, names: Sequence[str]) -> list[KeyBatch]:
+    """``names`` split into one :class:`KeyBatch` per slot group."""
+    layout: KeyLayout = store.layout
+    batches = []
+    for group in store.slot_groups(names):
+        batch = [names[index] for index in group]
+        sizes: dict[str, int] = {}
+        for name in batch:
+            size = layout.chord_size_key(name)
+            if size is not None:
+                sizes.setdefault(size, len(batch) + len(sizes) + 1)
+        batches.append(
+            KeyBatch(
+                indexes=group,
+                keys=[*batch, *sizes],
+                kinds="".join(layout.kind_of(name) or "-" for name in batch),
+                sizes=",".join(
+                    str(sizes.get(layout.chord_size_key(name) or "", 0)) for name in batch
+                ),
+            )
+        )
+    return batches
 
 
 def _run(
-    backend: PerkeyBackend,
-    client: redis.Redis,
+    store: ResultStore,
     options: SweepOptions,
     summary: SweepSummary,
     progress: Callable[[int, int], None] | None,
     token: str,
     lock_ms: int,
 ) -> None:
-    layout = backend.layout
-    start_ms = _server_ms(client)
+    start_ms = store.server_time_ms()
     # Only keys last written before both the sweep's start and max_age ago may go.
     cutoff_ms = start_ms - int(options.max_age * 1000)
-    total = sum(int(node.dbsize()) for node in primaries(client))
+    total = store.dbsize()
     ttl_ms = max(1, int(options.ttl * 1000))
     weighed = [0, 0]  # bytes, keys weighed with MEMORY USAGE before unlinking
-    renew = backend._script(keys.LOCK_RENEW)
+    lock = store.layout.sweep_lock
     first = True
-    for node, chunk in _chunks(scan_keys(client, layout.match_all, options.scan_count), options):
+    for node, chunk in _chunks(store.scan(store.layout.match_all, options.scan_count), options):
         if not first:
             if options.pause:
                 time.sleep(options.pause)
-            if not renew(keys=[layout.sweep_lock], args=[token, lock_ms]):
+            if not store.renew_lock(lock, token, lock_ms):
                 logger.warning("perkey sweep: lost its lock, stopping early")
                 return
         first = False
-        _batch(backend, node, chunk, options, summary, cutoff_ms, ttl_ms, weighed)
+        _batch(store, node, chunk, options, summary, cutoff_ms, ttl_ms, weighed)
         if progress:
             progress(summary.scanned, total)
     if weighed[1]:
@@ -263,8 +301,8 @@ def _chunks(
 
 
 def _batch(
-    backend: PerkeyBackend,
-    client: redis.Redis,
+    store: ResultStore,
+    node: redis.Redis,
     batch: list[str],
     options: SweepOptions,
     summary: SweepSummary,
@@ -272,63 +310,34 @@ def _batch(
     ttl_ms: int,
     weighed: list[int],
 ) -> None:
-    groups = slot_groups(backend.client, batch)
-    head = [
-        "0" if options.dry_run else "1",
-        "1" if options.delete else "0",
-        ttl_ms,
-        cutoff_ms,
-        max(0, options.memory_samples - weighed[1]),
-        backend.layout.prefix,
+    batches = key_batches(store, batch)
+    calls = [
+        scripts.SWEEP_BATCH.bind(
+            {"keys": part.keys},
+            {
+                "fix": "0" if options.dry_run else "1",
+                "delete": "1" if options.delete else "0",
+                "ttl_ms": ttl_ms,
+                "cutoff_ms": cutoff_ms,
+                "weigh": max(0, options.memory_samples - weighed[1]),
+                "count": len(part.indexes),
+                "kinds": part.kinds,
+                "sizes": part.sizes,
+            },
+        )
+        for part in batches
     ]
-
-    def build(pipe: Any) -> None:
-        for group in groups:
-            flat = batch_script_keys(backend.layout, batch, group)
-            backend.queue_script(pipe, keys.SWEEP_BATCH, flat, [*head, len(group)])
-
-    replies = backend.pipelined(build, "sweep", on=client)
-    for group, (classes, actions, size, count) in zip(groups, replies, strict=True):
+    replies, _ = store.run_scripts(node, scripts.SWEEP_BATCH, calls, "sweep")
+    for part, (classes, actions, size, count) in zip(batches, replies, strict=True):
         classes, actions = classes.decode(), actions.decode()
         weighed[0] += int(size)
         weighed[1] += int(count)
-        for letter, name in keys.CLASS_LETTERS.items():
+        for letter, name in CLASS_LETTERS.items():
             summary.by_class[name] += classes.count(letter)
         summary.scanned += len(classes) - classes.count("-")
         summary.ttl_set += actions.count("t")
         summary.unlinked += actions.count("u")
         if options.dry_run:
-            for index, action in zip(group, actions, strict=True):
+            for index, action in zip(part.indexes, actions, strict=True):
                 if action != "." and len(summary.planned) < PLAN_LIMIT:
                     summary.planned.append(("ttl" if action == "t" else "unlink", batch[index]))
-
-
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_duration(value: Any, name: str = "duration") -> float:
-    """Seconds from a number, a ``timedelta`` or text such as ``"90s"``, ``"2h"``, ``"1d"``.
-
-    Raises
-    ------
-    ConfigurationError
-        If ``value`` is none of those, or negative.
-    """
-    seconds: float | None = None
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        unit = _UNITS.get(text[-1:]) if text else None
-        number = text[:-1] if unit else text
-        try:
-            seconds = float(number) * (unit or 1.0)
-        except ValueError:
-            seconds = None
-    if seconds is None or seconds < 0:
-        raise ConfigurationError(
-            f"{name}={value!r} is not a duration; use seconds or text like 90s, 30m, 2h, 1d"
-        )
-    return seconds

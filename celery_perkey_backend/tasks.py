@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import signals
 
-__all__ = ["SWEEP_TASK", "register_sweep_task"]
+__all__ = ["SWEEP_TASK", "register_sweep_task", "uses_perkey"]
 
 SWEEP_TASK = "celery_perkey_backend.sweep"
 

@@ -1,40 +1,40 @@
-"""Deadlines and the blocking list commands that waits are made of.
+"""Waiting: a wait is a series of blocking steps on the store, under one deadline.
 
-A wait is a series of blocking commands, each shorter than the socket timeout, so a
-long wait never trips redis-py's read timeout (which Celery would log as a lost
-connection). Deadlines are kept on the client's monotonic clock as well, because the
-server rounds blocking timeouts to its own clock tick.
+Every step blocks on the data itself (the result list, or the progress stream for
+``on_message``), so nothing stored while a waiter was away is ever missed: its next
+step finds it. Each step is shorter than the socket timeout, so a long wait never trips
+redis-py's read timeout (which Celery would log as a lost connection). A lost
+connection is retried under the store's one retry policy, with one warning per wait.
+
+After every step, including the one that found the result, the caller's ``on_step``
+runs before the wait returns: that is where Celery checks a failed parent, and its own
+drainer orders the two the same way.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any, cast
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
+from celery import states
+from celery.exceptions import TimeoutError
 
-from .connection import node_client
+from .deadline import MIN_BLOCK, Deadline
+from .errors import BackendUnavailableError
+from .store import Record, ResultStore
 
-__all__ = [
-    "MAX_BLOCK",
-    "MIN_BLOCK",
-    "READ_MARGIN",
-    "Deadline",
-    "ListBlocker",
-    "block_cap",
-    "blocking_call",
-]
+__all__ = ["MAX_BLOCK", "Waiter", "block_cap"]
 
-#: The longest single blocking command. Long waits are made of several, so that a dead
+logger = logging.getLogger("celery_perkey_backend")
+
+T = TypeVar("T")
+Meta = dict[str, Any]
+
+#: The longest single blocking step. Long waits are made of several, so that a dead
 #: connection is noticed and parent failures of a chain are re-checked between them.
 MAX_BLOCK = 10.0
-
-#: The shortest one: a blocking timeout of 0 means "forever" to the server.
-MIN_BLOCK = 0.01
-
-#: How much longer than a block its reply may take (the server's clock tick, a busy
-#: machine) before the connection counts as dead.
-READ_MARGIN = 0.5
 
 
 def block_cap(socket_timeout: float | None) -> float:
@@ -49,98 +49,151 @@ def block_cap(socket_timeout: float | None) -> float:
     return max(MIN_BLOCK, min(MAX_BLOCK, socket_timeout - margin))
 
 
-class Deadline:
-    """An overall deadline shared by every command of one wait.
+def _timed_out(task_id: str) -> TimeoutError:
+    return TimeoutError(f"The operation timed out waiting for task {task_id!r}.")
+
+
+class Waiter:
+    """Blocks on the store, one connection per wait, until a result is ready.
 
     Parameters
     ----------
-    timeout:
-        Seconds from now, or ``None`` to wait forever.
+    store:
+        Where the results are.
     """
 
-    def __init__(self, timeout: float | None) -> None:
-        self.timeout = timeout
-        self._end = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    def __init__(self, store: ResultStore) -> None:
+        self.store = store
+        self.cap = block_cap(store.settings.socket_timeout_s)
 
-    def remaining(self) -> float | None:
-        """Seconds left, never negative; ``None`` when there is no deadline."""
-        if self._end is None:
-            return None
-        return max(self._end - time.monotonic(), 0.0)
+    def until_ready(
+        self,
+        task_id: str,
+        deadline: Deadline,
+        accept: Callable[[Record], T | None],
+        consume: bool = False,
+        on_step: Callable[[], Any] | None = None,
+        cap: float | None = None,
+    ) -> T:
+        """Block until ``accept`` takes a record of the task, and return what it made.
 
-    @property
-    def expired(self) -> bool:
-        left = self.remaining()
-        return left is not None and left <= 0.0
+        Parameters
+        ----------
+        accept:
+            Decodes a record; returns ``None`` for one that is not a final state (a
+            fallback key holding an intermediate state).
+        consume:
+            Read-once: the result is taken, so of several waiters exactly one gets it.
+        on_step:
+            Runs after every step, the finding one included, before the wait returns.
+        cap:
+            The longest single step, when shorter than the socket allows.
 
-    def block_for(self, cap: float) -> float:
-        """How long the next blocking command may block: at most ``cap``."""
-        left = self.remaining()
-        if left is None:
-            return cap
-        return max(MIN_BLOCK, min(cap, left))
+        Raises
+        ------
+        celery.exceptions.TimeoutError
+            When the deadline passes first.
+        BackendUnavailableError
+            When the connection stays lost past the retry policy.
+        """
+        step_cap = self.cap if cap is None else min(cap, self.cap)
+        warned: list[bool] = []
+        overran = [False]
 
-
-def blocking_call(client: redis.Redis, key: str, seconds: float, *args: Any) -> Any:
-    """Run one blocking command whose reply may take up to ``seconds``.
-
-    The reply is read with a timeout of ``seconds`` plus :data:`READ_MARGIN`, not the
-    pool's socket timeout, so a server that stops answering (a blackholed link) cannot
-    hold a wait past its deadline by more than the margin. The raw reply is returned.
-
-    Raises
-    ------
-    redis.TimeoutError
-        If no reply came in time; the connection is then dropped, not reused.
-    """
-    if isinstance(client, redis.RedisCluster):
-        # Straight to the node that owns the key. A MOVED or ASK (a slot migrating)
-        # refreshes the slot map, and the caller's retry goes to the new owner.
-        try:
-            return blocking_call(node_client(client, key), key, seconds, *args)
-        except (redis.exceptions.AskError, redis.ConnectionError):
-            client.nodes_manager.initialize()
-            raise
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_command(*args)  # type: ignore[no-untyped-call]
-        return conn.read_response(timeout=seconds + READ_MARGIN)
-    finally:
-        pool.release(conn)
-
-
-class ListBlocker:
-    """Issues the blocking list command of the configured read mode.
-
-    The default rotation ``BLMOVE key key RIGHT LEFT`` returns the one element and
-    leaves the list and its TTL as they were, so one store wakes every waiter.
-    Servers older than 6.2 lack BLMOVE; ``BRPOPLPUSH key key`` does the same there,
-    and is used from the first time the server rejects BLMOVE. ``read_once`` uses
-    ``BRPOP``, which hands the element to exactly one waiter and removes the key.
-    """
-
-    def __init__(self, read_once: bool) -> None:
-        self.read_once = read_once
-        self._blmove = True
-
-    def pop(self, client: redis.Redis, key: str, seconds: float) -> bytes | None:
-        """Block up to ``seconds`` on ``key``; the element, or ``None`` on timeout."""
-        if self.read_once:
-            reply = blocking_call(client, key, seconds, "BRPOP", key, seconds)
-            return None if reply is None else cast(bytes, reply[1])
-        if self._blmove:
-            try:
-                return cast(
-                    "bytes | None",
-                    blocking_call(
-                        client, key, seconds, "BLMOVE", key, key, "RIGHT", "LEFT", seconds
-                    ),
+        def on_retry(error: Exception, failures: int) -> None:
+            if not warned:
+                warned.append(True)
+                logger.warning(
+                    "perkey: connection lost while waiting for task %r; retrying", task_id
                 )
-            except redis.ResponseError as exc:
-                if "unknown command" not in str(exc).lower():
-                    raise
-                self._blmove = False
-        return cast(
-            "bytes | None", blocking_call(client, key, seconds, "BRPOPLPUSH", key, key, seconds)
-        )
+
+        def step() -> Record | None:
+            try:
+                record = self.store.block_ready(task_id, deadline.block_for(step_cap))
+            except BackendUnavailableError as exc:
+                # A busy server can answer a block's end a little past its timeout;
+                # that alone is no lost connection. Twice in a row is.
+                if isinstance(exc.__cause__, redis.TimeoutError) and not overran[0]:
+                    overran[0] = True
+                    return None
+                raise
+            overran[0] = False
+            if consume and record is not None and record.kind == "ready":
+                # Woken by the rotation; the take decides which reader gets it.
+                return self.store.read_ready([task_id], consume=True).get(task_id)
+            return record
+
+        while not deadline.expired:
+            try:
+                record = self.store.policy.call(step, "wait", deadline, on_retry)
+            except BackendUnavailableError:
+                if deadline.expired:
+                    raise _timed_out(task_id) from None
+                raise
+            found = accept(record) if record is not None else None
+            if found is not None:
+                return found
+            if on_step is not None:
+                on_step()
+        raise _timed_out(task_id)
+
+    def follow(
+        self,
+        task_id: str,
+        deadline: Deadline,
+        decode: Callable[[Record], Meta],
+        on_message: Callable[[Meta], Any],
+        consume: bool = False,
+        on_step: Callable[[], Any] | None = None,
+    ) -> Meta:
+        """Wait, handing ``on_message`` the current state and then each new one.
+
+        Like ``redis://``, the first message is the state when the wait began, PENDING
+        included; then every intermediate state as it is stored; then the ready one.
+        Intermediate states are read from the task's progress stream with a blocking
+        XREAD; the ready write adds a marker entry there, which ends the wait.
+
+        Raises
+        ------
+        celery.exceptions.TimeoutError
+            When the deadline passes first.
+        """
+        store = self.store
+        ttl_ms = _ms(store.settings.result_expires_s)
+        pkey = store.layout.progress(task_id)
+        last = b"0-0"
+        first = True
+        while True:
+            ready, entries = store.watch(task_id, last, ttl_ms)
+            if ready is not None and consume:
+                ready = store.read_ready([task_id], consume=True).get(task_id)
+            if ready is not None:
+                meta = decode(ready)
+                on_message(meta)
+                return meta
+            metas = []
+            for entry_id, payload in entries:
+                last = entry_id
+                if payload:
+                    metas.append(decode(Record(task_id, pkey, payload, "progress")))
+            if first:
+                first = False
+                fallback = store.read_fallback(task_id)
+                if fallback is not None:
+                    meta = decode(fallback)
+                    if meta["status"] in states.READY_STATES:
+                        on_message(meta)
+                        return meta
+                metas = metas[-1:] or [{"status": states.PENDING, "result": None}]
+            for meta in metas:
+                on_message(meta)
+            if deadline.expired:
+                raise _timed_out(task_id)
+            news = store.block_progress(task_id, last, deadline.block_for(self.cap))
+            if not news and on_step is not None:
+                on_step()
+            # Whatever arrived is read again by the next step, from ``last`` on.
+
+
+def _ms(seconds: float | None) -> int:
+    return int(seconds * 1000) if seconds else 0

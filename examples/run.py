@@ -16,7 +16,7 @@ from pathlib import Path
 
 from celery import chord, group
 
-from celery_perkey_backend.embedded import running_server
+from celery_perkey_backend.testing import running_server
 
 HERE = Path(__file__).resolve().parent
 

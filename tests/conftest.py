@@ -12,7 +12,7 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from celery_perkey_backend.embedded import EmbeddedServer
+from celery_perkey_backend.testing import EmbeddedServer
 
 _app_names = itertools.count()
 

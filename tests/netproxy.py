@@ -13,7 +13,7 @@ import ssl
 import threading
 import time
 
-from celery_perkey_backend.embedded import free_port
+from celery_perkey_backend.testing import free_port
 
 
 class Proxy:

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from celery import states
 
-from celery_perkey_backend.embedded import free_port
+from celery_perkey_backend.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,9 +13,9 @@ from celery import chord, group, states
 from redis.crc import key_slot
 
 from celery_perkey_backend import BackendUnavailableError
+from celery_perkey_backend.testing import LocalCluster, LocalSentinel
 
 from .conftest import running_worker
-from .topology import LocalCluster, LocalSentinel
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_sentinel_failover(make_app: Any) -> None:
 
 
 def test_min_replicas_refuses_an_unreplicated_store(make_app: Any) -> None:
-    from celery_perkey_backend.embedded import EmbeddedServer
+    from celery_perkey_backend.testing import EmbeddedServer
 
     with EmbeddedServer() as lonely:
         app = make_app(

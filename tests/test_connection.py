@@ -10,8 +10,8 @@ from celery import Celery, states
 from celery.exceptions import ImproperlyConfigured
 
 from celery_perkey_backend import BackendUnavailableError, ConfigurationError, PerkeyBackend
-from celery_perkey_backend.connection import mask_url, to_redis_url
-from celery_perkey_backend.embedded import EmbeddedServer, free_port
+from celery_perkey_backend.testing import EmbeddedServer, free_port
+from celery_perkey_backend.urls import mask_url, to_redis_url
 
 
 @pytest.mark.parametrize(

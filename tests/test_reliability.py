@@ -15,7 +15,7 @@ from celery import states
 from celery.exceptions import TimeoutError
 
 from celery_perkey_backend import BackendUnavailableError
-from celery_perkey_backend.embedded import EmbeddedServer
+from celery_perkey_backend.testing import EmbeddedServer
 
 from .netproxy import Proxy
 

@@ -12,8 +12,9 @@ import redis
 from celery import states
 
 from celery_perkey_backend import ConfigurationError
-from celery_perkey_backend.embedded import EmbeddedServer
-from celery_perkey_backend.sweep import SweepSummary, parse_duration, sweep
+from celery_perkey_backend.settings import parse_duration
+from celery_perkey_backend.sweep import SweepSummary, sweep
+from celery_perkey_backend.testing import EmbeddedServer
 
 
 def _old(r: redis.Redis, key: str, age_s: float, ttl: int | None = None, letter: str = "S") -> None:

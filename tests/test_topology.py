@@ -9,7 +9,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.sentinel import Sentinel
 
-from .topology import HOST, LocalCluster, LocalSentinel, TopologyError
+from celery_perkey_backend.testing.topology import HOST, LocalCluster, LocalSentinel, TopologyError
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import redis
 from celery import states
 from celery.exceptions import TimeoutError
 
-from celery_perkey_backend.embedded import EmbeddedServer
+from celery_perkey_backend.testing import EmbeddedServer
 
 from .conftest import command_calls, running_worker
 

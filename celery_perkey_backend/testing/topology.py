@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 from redis.crc import key_slot
 
-from celery_perkey_backend.embedded import EmbeddedServer, find_server_binary, free_port
+from .server import EmbeddedServer, find_server_binary, free_port
 
 __all__ = [
     "HOST",
@@ -37,6 +37,11 @@ SLOTS = 16384
 _BUS_OFFSET = 10000  # the cluster bus listens on port + 10000 (all supported versions)
 # Replicas sync at once instead of after the default 5 s diskless-sync delay.
 _FAST_SYNC = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
+
+
+def _run(client: redis.Redis, *args: object) -> Any:
+    """One raw command (redis-py leaves ``execute_command`` untyped)."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 class TopologyError(RuntimeError):
@@ -322,7 +327,7 @@ class LocalCluster(_Members):
     def nodes(self, port: int | None = None) -> list[ClusterMember]:
         """``CLUSTER NODES`` as seen by ``port`` (default: the first live node)."""
         port = self.live_ports()[0] if port is None else port
-        text = self.client(port).execute_command("CLUSTER", "NODES")
+        text = _run(self.client(port), "CLUSTER", "NODES")
         return [ClusterMember.parse(line) for line in text.splitlines() if line.strip()]
 
     def _live_view(self, port: int | None = None) -> list[ClusterMember]:
@@ -381,7 +386,7 @@ class LocalCluster(_Members):
         views = {}
         for port in self.live_ports():
             client = self.client(port)
-            info = _parse_info(client.execute_command("CLUSTER", "INFO"))
+            info = _parse_info(_run(client, "CLUSTER", "INFO"))
             if info.get("cluster_state") != "ok":
                 return f"{port}: cluster_state:{info.get('cluster_state')}"
             if info.get("cluster_slots_ok") != str(SLOTS):
@@ -438,10 +443,10 @@ class LocalCluster(_Members):
             raise ValueError(f"primary {primary_port} has no live replica to fail over to")
         replica = candidates[0]
         args = ["CLUSTER", "FAILOVER", *(["FORCE"] if force else [])]
-        self.client(replica).execute_command(*args)
+        _run(self.client(replica), *args)
 
         def promoted() -> str | None:
-            role = self.client(replica).execute_command("ROLE")[0]
+            role = _run(self.client(replica), "ROLE")[0]
             return None if role == "master" else f"{replica} still has role {role}"
 
         self._wait(promoted, f"failover of {primary_port} to {replica}", timeout)
@@ -461,7 +466,7 @@ class LocalCluster(_Members):
             return None
 
         def promoted() -> str | None:
-            roles = {p: self.client(p).execute_command("ROLE")[0] for p in candidates}
+            roles = {p: _run(self.client(p), "ROLE")[0] for p in candidates}
             return None if "master" in roles.values() else f"replicas of {port}: {roles}"
 
         if candidates:
@@ -469,7 +474,7 @@ class LocalCluster(_Members):
         self.wait_healthy(timeout)
         if not candidates:
             return None
-        return next(p for p in candidates if self.client(p).execute_command("ROLE")[0] == "master")
+        return next(p for p in candidates if _run(self.client(p), "ROLE")[0] == "master")
 
     # -- resharding ------------------------------------------------------------------------
 
@@ -498,27 +503,27 @@ class LocalCluster(_Members):
             return
         src, dst = self.client(source), self.client(to_port)
         src_id, dst_id = view[source].node_id, view[to_port].node_id
-        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        _run(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        _run(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
 
         def move(limit: int) -> int:
-            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, limit) if limit else []
+            keys = _run(src, "CLUSTER", "GETKEYSINSLOT", slot, limit) if limit else []
             if keys:
-                src.execute_command("MIGRATE", HOST, to_port, "", 0, 5000, "KEYS", *keys)
+                _run(src, "MIGRATE", HOST, to_port, "", 0, 5000, "KEYS", *keys)
             return len(keys)
 
-        move(int(src.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)) // 2)
+        move(int(_run(src, "CLUSTER", "COUNTKEYSINSLOT", slot)) // 2)
         if pause_between:
             time.sleep(pause_between)
         if on_half_migrated is not None:
             on_half_migrated()
         while move(batch):
             pass
-        dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-        src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        _run(dst, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        _run(src, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
         for port in self.primaries():
             if port not in (source, to_port):
-                self.client(port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                _run(self.client(port), "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
 
         def settled() -> str | None:
             owners = {p: self.primary_for_slot_seen_by(p, slot) for p in self.live_ports()}
@@ -606,9 +611,7 @@ class LocalSentinel(_Members):
         ``SENTINEL DEBUG`` exists since Redis 7.0 (so in Valkey); Redis 6.2 keeps defaults.
         """
         try:
-            self.client(port).execute_command(
-                "SENTINEL", "DEBUG", "INFO-PERIOD", 1000, "PUBLISH-PERIOD", 500
-            )
+            _run(self.client(port), "SENTINEL", "DEBUG", "INFO-PERIOD", 1000, "PUBLISH-PERIOD", 500)
         except redis.ResponseError:
             return False
         return True
@@ -637,15 +640,13 @@ class LocalSentinel(_Members):
 
     def _reported_master(self, sentinel_port: int) -> int:
         client = self.client(sentinel_port)
-        _host, port = client.execute_command(
-            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name
-        )
+        _host, port = _run(client, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
         return int(port)
 
     def _replication_problem(self) -> str | None:
         """``None`` once the reported primary is master and every other data node syncs it."""
         master = self.data_ports[0] if not self.sentinel_ports else self.master_port()
-        if self.client(master).execute_command("ROLE")[0] != "master":
+        if _run(self.client(master), "ROLE")[0] != "master":
             return f"{master} is not master yet"
         for port in self.data_ports:
             if port == master:
@@ -664,13 +665,13 @@ class LocalSentinel(_Members):
             client = self.client(port)
             if (seen := self._reported_master(port)) != master:
                 return f"sentinel {port} reports master {seen}, not {master}"
-            state = client.execute_command("SENTINEL", "MASTER", self.master_name)
+            state = _run(client, "SENTINEL", "MASTER", self.master_name)
             state = _pairs(state)
             if state.get("flags") != "master":
                 return f"sentinel {port}: master flags {state.get('flags')}"
             if int(state.get("num-other-sentinels", 0)) != self.sentinel_count - 1:
                 return f"sentinel {port} knows {state.get('num-other-sentinels')} other sentinels"
-            known = client.execute_command("SENTINEL", "REPLICAS", self.master_name)
+            known = _run(client, "SENTINEL", "REPLICAS", self.master_name)
             known = [_pairs(r) for r in known]
             good = sorted(
                 int(r["port"])
@@ -695,19 +696,19 @@ class LocalSentinel(_Members):
         old = self.master_port()
         (new,) = (port for port in self.data_ports if port != old)
         sentinel = self.client(self.sentinel_ports[0])
-        sentinel.execute_command("SENTINEL", "FAILOVER", self.master_name)
+        _run(sentinel, "SENTINEL", "FAILOVER", self.master_name)
 
         def switched() -> str | None:
             seen = {port: self._reported_master(port) for port in self.sentinel_ports}
             if set(seen.values()) != {new}:
                 return f"sentinels report masters {seen}"
-            role = self.client(new).execute_command("ROLE")[0]
+            role = _run(self.client(new), "ROLE")[0]
             return None if role == "master" else f"{new} still has role {role}"
 
         self._wait(switched, f"sentinel failover from {old} to {new}", timeout)
         if rejoin:
             if not self._fast_sentinels:
-                self.client(old).execute_command("REPLICAOF", HOST, new)
+                _run(self.client(old), "REPLICAOF", HOST, new)
             self._wait(self._replication_problem, f"{old} replicating from {new}", timeout)
             self._wait(self._sentinel_problem, "sentinels converged after failover", timeout)
         return new

@@ -1,0 +1,487 @@
+"""Every setting the backend reads, parsed and checked once, into one frozen object.
+
+:func:`Settings.from_conf` reads the ``perkey_*`` settings and the Celery settings a
+Redis user already sets, accepts the same human forms everywhere (``"1h"``, ``"10MB"``,
+``"false"``), and raises :class:`ConfigurationError` naming the setting, the value and
+the accepted forms when one is wrong, so that a mistake fails when the backend is built
+and not at 04:00 when the sweep first runs. Field names carry their units.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ConfigurationError
+from .urls import CERT_REQS, to_redis_url
+
+__all__ = [
+    "DEFAULT_RETRY_POLICY",
+    "PERKEY_DEFAULTS",
+    "RetrySettings",
+    "Settings",
+    "parse_count",
+    "parse_duration",
+    "parse_flag",
+    "parse_size",
+]
+
+#: Redis refuses strings longer than this; a larger result could never be stored.
+REDIS_MAX_BULK = 512 * 1024 * 1024
+
+#: The defaults of the ``perkey_*`` settings (the README's settings table).
+PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "perkey_key_prefix": "celery-perkey:",
+        "perkey_read_once": False,
+        "perkey_legacy_fallback": True,
+        "perkey_max_result_bytes": REDIS_MAX_BULK,
+        "perkey_min_replicas": 0,
+        "perkey_min_replicas_timeout": 1.0,
+        "perkey_sweep_max_age": 86400.0,
+        "perkey_sweep_delete": False,
+        "perkey_sweep_ttl": None,
+        "perkey_sweep_scan_count": 1000,
+        "perkey_sweep_batch_size": 200,
+        "perkey_sweep_pause": 0.0,
+        "perkey_sweep_lock_ttl": 60.0,
+        "perkey_sweep_memory_samples": 100,
+        "perkey_prometheus_port": None,
+        "perkey_prometheus_textfile": None,
+    }
+)
+
+#: Celery's own default ``retry_policy`` of its Redis backend.
+DEFAULT_RETRY_POLICY: Mapping[str, Any] = MappingProxyType(
+    {"max_retries": 20, "interval_start": 0, "interval_step": 1, "interval_max": 1}
+)
+
+_DURATION_UNITS = {
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+    "w": 604800.0,
+}
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$")
+_DURATION_FORMS = "seconds, a timedelta, or text like 500ms, 90s, 30m, 2h, 1d, 1w"
+
+# As in redis.conf: k, m, g are powers of 1000; kb, mb, gb (and KiB, MiB, GiB) of 1024.
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$")
+_SIZE_FORMS = "a number of bytes, or text like 512kb, 10MB, 1GiB"
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+_FLAG_FORMS = "True/False, or text like true, false, yes, no, on, off, 1, 0"
+
+
+def _bad(name: str, value: Any, forms: str, why: str = "") -> ConfigurationError:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    reason = f" ({why})" if why else ""
+    return ConfigurationError(f"{name}={text} is not valid{reason}; use {forms}")
+
+
+def parse_duration(value: Any, name: str = "duration") -> float:
+    """Seconds from a number, a ``timedelta`` or text such as ``"90s"``, ``"2h"``, ``"1d"``.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``value`` is none of those, negative or not finite; the message names ``name``.
+    """
+    seconds: float | None = None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value.lower())
+        if match and match.group(2) in _DURATION_UNITS:
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        elif match and not match.group(2):
+            seconds = float(match.group(1))
+    if seconds is None or not math.isfinite(seconds):
+        raise _bad(name, value, _DURATION_FORMS)
+    if seconds < 0:
+        raise _bad(name, value, _DURATION_FORMS, "negative")
+    return seconds
+
+
+def parse_size(value: Any, name: str) -> int:
+    """Bytes from an integer or text such as ``"512kb"``, ``"10MB"``, ``"1GiB"``.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``value`` is none of those, or not positive.
+    """
+    size: float | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = float(value)
+    elif isinstance(value, str):
+        match = _SIZE.match(value.lower())
+        if match and match.group(2) in _SIZE_UNITS:
+            size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if size is None:
+        raise _bad(name, value, _SIZE_FORMS)
+    if size < 1:
+        raise _bad(name, value, _SIZE_FORMS, "must be at least 1 byte")
+    return int(size)
+
+
+def parse_flag(value: Any, name: str) -> bool:
+    """A boolean from a bool, 0/1, or the words Celery's own settings accept.
+
+    ``"false"``, ``"0"`` and ``"no"`` are false, as they are for settings that come
+    from environment variables.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``value`` is none of those.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise _bad(name, value, _FLAG_FORMS)
+
+
+def parse_count(value: Any, name: str, minimum: int = 0) -> int:
+    """A whole number of at least ``minimum``, from an int or its decimal text.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``value`` is not a whole number, or below ``minimum``.
+    """
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    forms = f"a whole number of at least {minimum}"
+    if number is None:
+        raise _bad(name, value, forms)
+    if number < minimum:
+        raise _bad(name, value, forms, "too small")
+    return number
+
+
+def _expiry(value: Any, name: str) -> float | None:
+    """A TTL in seconds; ``None`` (or 0) means no TTL, as in Celery."""
+    if value is None:
+        return None
+    seconds = parse_duration(value, name)
+    return seconds or None
+
+
+def _optional_duration(value: Any, name: str) -> float | None:
+    return None if value is None else parse_duration(value, name)
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """How failed commands are retried: one policy for stores, waits and chords.
+
+    With ``exponential`` (Celery's ``result_backend_always_retry``), the pause before
+    retry ``n`` is random between 0 and ``min(max_pause_s, first_pause_s * 2**n)``;
+    otherwise it grows linearly from ``first_pause_s`` by ``pause_step_s`` up to
+    ``max_pause_s``, as ``retry_policy`` does in Celery's Redis backend.
+    """
+
+    max_retries: int | None
+    first_pause_s: float
+    pause_step_s: float
+    max_pause_s: float
+    exponential: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the backend reads from ``app.conf``, parsed and checked.
+
+    Build it with :meth:`from_conf`; every field is final. Durations are seconds
+    (``_s``) or milliseconds (``_ms``) as their names say; an expiry of ``None`` means
+    no TTL.
+    """
+
+    url: str
+    redis_url: str
+    key_prefix: str
+    legacy_prefix: str
+    result_expires_s: float | None
+    failure_expires_s: float | None
+    chord_expires_s: float | None
+    chord_join_timeout_s: float
+    chord_ordered: bool
+    read_once: bool
+    legacy_fallback: bool
+    max_result_bytes: int
+    min_replicas: int
+    min_replicas_timeout_ms: int
+    retry: RetrySettings
+    sweep_max_age_s: float
+    sweep_delete: bool
+    sweep_ttl_s: float
+    sweep_scan_count: int
+    sweep_batch_size: int
+    sweep_pause_s: float
+    sweep_lock_ttl_s: float
+    sweep_memory_samples: int
+    prometheus_port: int | None
+    prometheus_textfile: str | None
+    socket_timeout_s: float | None
+    connection_options: Mapping[str, Any] = field(default_factory=dict)
+    transport_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def chord_result_expires_s(self) -> float | None:
+        """How long a chord's header results and saved group live.
+
+        They are read by users too, so never for less than ``result_expires``; no
+        expiry when either is unset, as in Celery.
+        """
+        if not self.chord_expires_s or not self.result_expires_s:
+            return None
+        return max(self.chord_expires_s, self.result_expires_s)
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.redis_url.startswith("cluster://")
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any], url: str | None) -> Settings:
+        """Read and check every setting.
+
+        Parameters
+        ----------
+        conf:
+            ``app.conf`` (any mapping with Celery's setting names).
+        url:
+            The backend URL as Celery hands it over.
+
+        Raises
+        ------
+        ConfigurationError
+            Naming the first setting that is wrong, its value and the accepted forms.
+        """
+        _reject_unknown(conf)
+
+        def own(name: str) -> Any:
+            value = conf.get(name)
+            return PERKEY_DEFAULTS[name] if value is None else value
+
+        redis_url = to_redis_url(url)
+        transport = conf.get("result_backend_transport_options") or {}
+        if not isinstance(transport, Mapping):
+            raise _bad("result_backend_transport_options", transport, "a dict")
+        global_prefix = str(transport.get("global_keyprefix") or "")
+        if global_prefix and global_prefix[-1] not in ":_-.":
+            global_prefix += "_"
+        key_prefix = global_prefix + str(own("perkey_key_prefix"))
+        if redis_url.startswith("cluster://") and {"{", "}"} & set(key_prefix):
+            raise ConfigurationError(
+                f"key prefix {key_prefix!r} holds a brace: on a cluster it would "
+                "replace each key's hash tag; remove it from global_keyprefix/perkey_key_prefix"
+            )
+        expires = _expiry(conf.get("result_expires"), "result_expires")
+        failure = conf.get("result_failure_expires")
+        chord = conf.get("result_chord_expires")
+        ordered = transport.get("result_chord_ordered", conf.get("result_chord_ordered", True))
+        expires_default = expires if expires else 86400.0
+        sweep_ttl = own("perkey_sweep_ttl")
+        textfile = own("perkey_prometheus_textfile")
+        port = own("perkey_prometheus_port")
+        if textfile or port:
+            _require_prometheus(
+                "perkey_prometheus_textfile" if textfile else "perkey_prometheus_port"
+            )
+        connection, socket_timeout = _connection_options(conf)
+        return cls(
+            url=url or redis_url,
+            redis_url=redis_url,
+            key_prefix=key_prefix,
+            legacy_prefix=global_prefix + "celery-task-meta-",
+            result_expires_s=expires,
+            failure_expires_s=expires
+            if failure is None
+            else _expiry(failure, "result_failure_expires"),
+            chord_expires_s=expires if chord is None else _expiry(chord, "result_chord_expires"),
+            chord_join_timeout_s=parse_duration(
+                conf.get("result_chord_join_timeout") or 5.0, "result_chord_join_timeout"
+            ),
+            chord_ordered=parse_flag(ordered, "result_chord_ordered"),
+            read_once=parse_flag(own("perkey_read_once"), "perkey_read_once"),
+            legacy_fallback=parse_flag(own("perkey_legacy_fallback"), "perkey_legacy_fallback"),
+            max_result_bytes=min(
+                parse_size(own("perkey_max_result_bytes"), "perkey_max_result_bytes"),
+                REDIS_MAX_BULK,
+            ),
+            min_replicas=parse_count(own("perkey_min_replicas"), "perkey_min_replicas"),
+            min_replicas_timeout_ms=round(
+                parse_duration(own("perkey_min_replicas_timeout"), "perkey_min_replicas_timeout")
+                * 1000
+            ),
+            retry=_retry(conf, transport),
+            sweep_max_age_s=parse_duration(own("perkey_sweep_max_age"), "perkey_sweep_max_age"),
+            sweep_delete=parse_flag(own("perkey_sweep_delete"), "perkey_sweep_delete"),
+            sweep_ttl_s=parse_duration(sweep_ttl, "perkey_sweep_ttl")
+            if sweep_ttl
+            else expires_default,
+            sweep_scan_count=parse_count(
+                own("perkey_sweep_scan_count"), "perkey_sweep_scan_count", 1
+            ),
+            sweep_batch_size=parse_count(
+                own("perkey_sweep_batch_size"), "perkey_sweep_batch_size", 1
+            ),
+            sweep_pause_s=parse_duration(own("perkey_sweep_pause"), "perkey_sweep_pause"),
+            sweep_lock_ttl_s=parse_duration(own("perkey_sweep_lock_ttl"), "perkey_sweep_lock_ttl"),
+            sweep_memory_samples=parse_count(
+                own("perkey_sweep_memory_samples"), "perkey_sweep_memory_samples"
+            ),
+            prometheus_port=None
+            if port is None
+            else parse_count(port, "perkey_prometheus_port", 1),
+            prometheus_textfile=None if textfile is None else str(textfile),
+            socket_timeout_s=socket_timeout,
+            connection_options=MappingProxyType(connection),
+            transport_options=MappingProxyType(dict(transport)),
+        )
+
+
+def _require_prometheus(setting: str) -> None:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ConfigurationError(
+            f"{setting} is set, but prometheus_client is not installed; "
+            "pip install 'celery-perkey-backend[prometheus]'"
+        ) from None
+
+
+def _reject_unknown(conf: Mapping[str, Any]) -> None:
+    """A misspelt ``perkey_*`` setting would silently keep its default: refuse it."""
+    for name in list(conf):
+        if not isinstance(name, str) or not name.lower().startswith("perkey_"):
+            continue
+        if name not in PERKEY_DEFAULTS:
+            close = difflib.get_close_matches(name.lower(), list(PERKEY_DEFAULTS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigurationError(f"unknown setting {name!r}{hint}")
+
+
+def _retry(conf: Mapping[str, Any], transport: Mapping[str, Any]) -> RetrySettings:
+    """The one retry policy: Celery's always-retry settings when they are on, else
+    ``retry_policy`` from the transport options (Celery's Redis backend's defaults)."""
+    if parse_flag(conf.get("result_backend_always_retry") or False, "result_backend_always_retry"):
+        limit = conf.get("result_backend_max_retries")
+        base_ms = conf.get("result_backend_base_sleep_between_retries_ms")
+        max_ms = conf.get("result_backend_max_sleep_between_retries_ms")
+        return RetrySettings(
+            max_retries=None
+            if limit is None or limit == float("inf")
+            else parse_count(limit, "result_backend_max_retries"),
+            first_pause_s=parse_duration(
+                10 if base_ms is None else base_ms,
+                "result_backend_base_sleep_between_retries_ms",
+            )
+            / 1000,
+            pause_step_s=0.0,
+            max_pause_s=parse_duration(
+                10000 if max_ms is None else max_ms,
+                "result_backend_max_sleep_between_retries_ms",
+            )
+            / 1000,
+            exponential=True,
+        )
+    given = transport.get("retry_policy") or {}
+    if not isinstance(given, Mapping):
+        raise _bad("retry_policy", given, "a dict of max_retries and interval_*")
+    unknown = set(given) - set(DEFAULT_RETRY_POLICY)
+    if unknown:
+        raise ConfigurationError(
+            f"retry_policy has unknown key(s) {sorted(unknown)}; use {list(DEFAULT_RETRY_POLICY)}"
+        )
+    policy = {**DEFAULT_RETRY_POLICY, **given}
+    limit = policy["max_retries"]
+    return RetrySettings(
+        max_retries=None if limit is None else parse_count(limit, "retry_policy.max_retries"),
+        first_pause_s=parse_duration(policy["interval_start"], "retry_policy.interval_start"),
+        pause_step_s=parse_duration(policy["interval_step"], "retry_policy.interval_step"),
+        max_pause_s=parse_duration(policy["interval_max"], "retry_policy.interval_max"),
+    )
+
+
+#: Celery settings passed to redis-py when set, the redis-py option each becomes, and
+#: how each is read.
+_PASSED_ON: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
+    "redis_backend_health_check_interval": ("health_check_interval", parse_duration),
+    "redis_client_name": ("client_name", lambda value, name: str(value)),
+    "redis_socket_keepalive": ("socket_keepalive", parse_flag),
+    "redis_username": ("username", lambda value, name: str(value)),
+    "redis_password": ("password", lambda value, name: str(value)),
+}
+
+
+def _connection_options(conf: Mapping[str, Any]) -> tuple[dict[str, Any], float | None]:
+    """redis-py connection options from the ``redis_*`` settings, and the socket timeout.
+
+    Values in the URL's query string win over these, as they do in Celery.
+    """
+    socket_timeout = _optional_duration(conf.get("redis_socket_timeout"), "redis_socket_timeout")
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": _optional_duration(
+            conf.get("redis_socket_connect_timeout"), "redis_socket_connect_timeout"
+        ),
+    }
+    limit = conf.get("redis_max_connections")
+    if limit:
+        options["max_connections"] = parse_count(limit, "redis_max_connections", 1)
+    if conf.get("redis_retry_on_timeout") is not None:
+        # Read for its errors only: timeouts are always retried by the one policy.
+        parse_flag(conf["redis_retry_on_timeout"], "redis_retry_on_timeout")
+    for setting, (option, parse) in _PASSED_ON.items():
+        if conf.get(setting):
+            options[option] = parse(conf[setting], setting)
+    ssl = conf.get("redis_backend_use_ssl")
+    if ssl:
+        if not isinstance(ssl, Mapping):
+            raise _bad("redis_backend_use_ssl", ssl, "a dict of ssl_* options")
+        options.update(ssl)
+        reqs = options.get("ssl_cert_reqs")
+        if isinstance(reqs, str):
+            options["ssl_cert_reqs"] = CERT_REQS.get(reqs.lower(), reqs)
+        options["ssl"] = True
+    return options, socket_timeout

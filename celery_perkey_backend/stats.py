@@ -1,0 +1,123 @@
+"""Key metrics: what is in the keyspace.
+
+:func:`collect_stats` counts our keys by kind, histograms their remaining TTLs, finds
+keys with no TTL and the oldest of them, and weighs a sample with MEMORY USAGE. On a
+large keyspace it samples: it examines the first ``sample_limit`` keys SCAN returns
+(hash order, so close to random) and scales the counts up, and says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import scripts
+from .keys import KIND_NAMES
+from .store import ResultStore
+from .sweep import HasStore, key_batches, store_of
+
+__all__ = ["TTL_BUCKETS", "KeyStats", "collect_stats"]
+
+#: Upper bounds (seconds) of the remaining-TTL histogram; the last bucket is open.
+TTL_BUCKETS: tuple[tuple[str, float], ...] = (
+    ("<1m", 60.0),
+    ("<1h", 3600.0),
+    ("<1d", 86400.0),
+    ("<7d", 604800.0),
+    (">=7d", float("inf")),
+)
+
+
+@dataclass
+class KeyStats:
+    """A picture of the keyspace. Counts are estimates when ``sampled`` is true."""
+
+    by_kind: dict[str, int] = field(default_factory=dict)
+    ttl_histogram: dict[str, int] = field(default_factory=dict)
+    no_ttl: int = 0
+    oldest_no_ttl_age: float | None = None
+    unexpected_type: int = 0
+    bytes_per_key: float | None = None
+    our_keys: int = 0
+    db_keys: int = 0
+    used_memory: int = 0
+    sampled: bool = False
+    examined: int = 0
+    duration: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def collect_stats(
+    target: ResultStore | HasStore, sample_limit: int = 100_000, memory_samples: int = 200
+) -> KeyStats:
+    """Measure the keys of a store (or of the backend that carries it).
+
+    Parameters
+    ----------
+    sample_limit:
+        Examine at most this many keys; past it the figures are scaled estimates.
+    memory_samples:
+        How many of our keys to weigh with MEMORY USAGE.
+
+    Raises
+    ------
+    BackendUnavailableError
+        If the server cannot be reached.
+    """
+    started = time.monotonic()
+    store = store_of(target)
+    layout = store.layout
+    bounds = [int(bound * 1000) for _, bound in TTL_BUCKETS[:-1]]
+    stats = KeyStats()
+    kinds: Counter[str] = Counter()
+    buckets = [0] * len(TTL_BUCKETS)
+    oldest_ms = -1
+    weights: list[int] = []
+    stats.db_keys = store.dbsize()
+    stats.used_memory = store.used_memory()
+    now_ms = store.server_time_ms()
+    stats.sampled = stats.db_keys > sample_limit
+    # When sampling, look at every key (no MATCH) so the share of ours is known.
+    pattern = "*" if stats.sampled else layout.match_all
+    for node, page in store.scan(pattern, 1000):
+        page = page[: max(0, sample_limit - stats.examined)]
+        stats.examined += len(page)
+        ours = [k for k in page if k.startswith(layout.prefix)]
+        batches = key_batches(store, ours)
+        calls = [
+            scripts.STATS_BATCH.bind(
+                {"keys": part.keys[: len(part.indexes)]},
+                {"count": len(part.indexes), "kinds": part.kinds, "bounds": bounds},
+            )
+            for part in batches
+        ]
+        weigh = ours[: max(0, memory_samples - len(weights))]
+        replies, sizes = store.run_scripts(node, scripts.STATS_BATCH, calls, "stats", weigh)
+        for seen, counts, no_ttl, oldest, unexpected in replies:
+            for pair in seen:
+                code, _, count = pair.decode().partition("=")
+                kinds[KIND_NAMES[code]] += int(count)
+            buckets = [a + int(b) for a, b in zip(buckets, counts, strict=True)]
+            stats.no_ttl += int(no_ttl)
+            stats.unexpected_type += int(unexpected)
+            if int(oldest) >= 0 and (oldest_ms < 0 or int(oldest) < oldest_ms):
+                oldest_ms = int(oldest)
+        weights.extend(sizes)
+        if stats.examined >= sample_limit:
+            break
+    scale = stats.db_keys / stats.examined if stats.sampled and stats.examined else 1.0
+    stats.by_kind = {kind: round(n * scale) for kind, n in sorted(kinds.items())}
+    stats.ttl_histogram = {
+        name: round(count * scale) for (name, _), count in zip(TTL_BUCKETS, buckets, strict=True)
+    }
+    stats.no_ttl = round(stats.no_ttl * scale)
+    stats.unexpected_type = round(stats.unexpected_type * scale)
+    stats.our_keys = sum(stats.by_kind.values())
+    stats.oldest_no_ttl_age = max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms >= 0 else None
+    stats.bytes_per_key = sum(weights) / len(weights) if weights else None
+    stats.duration = time.monotonic() - started
+    return stats
