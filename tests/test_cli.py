@@ -1,4 +1,5 @@
-"""`celery -A proj perkey …`, driven as an operator drives it: a subprocess."""
+"""`celery -A proj perkey …`: in-process through click's runner, and once as a subprocess
+the way an operator runs it."""
 
 from __future__ import annotations
 
@@ -11,101 +12,112 @@ from typing import Any
 
 import redis
 from celery import states
+from celery.bin.base import CLIContext
+from click.testing import CliRunner, Result
 
+from celery_perkey_backend.cli import perkey
 from celery_perkey_backend.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def celery(server: Any, *args: str, backend: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(app: Any, *args: str) -> Result:
+    """The command as ``celery -A app perkey …`` runs it, in this process."""
+    context = CLIContext(app=app, no_color=True, workdir=None)
+    return CliRunner().invoke(perkey, list(args), obj=context, catch_exceptions=False)
+
+
+def test_the_command_runs_under_celerys_own_cli(server: Any, app: Any, r: redis.Redis) -> None:
+    app.backend.store_result("t1", 1, states.SUCCESS)
     env = dict(os.environ, PERKEY_TEST_PORT=str(server.port))
-    if backend:
-        env["PERKEY_TEST_BACKEND"] = backend
-    return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.worker_app", "perkey", *args],
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.worker_app", "perkey", "stats", "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["by_kind"] == {"result": 1}
 
 
-def test_stats_table_and_json(server: Any, app: Any, r: redis.Redis) -> None:
+def test_stats_table_and_json(app: Any, r: redis.Redis) -> None:
     for i in range(3):
         app.backend.store_result(f"t{i}", i, states.SUCCESS)
-    table = celery(server, "stats")
-    assert table.returncode == 0, table.stderr
+    table = run(app, "stats")
+    assert table.exit_code == 0, table.output
     assert "keys: result" in table.stdout
-    figures = json.loads(celery(server, "stats", "--json").stdout)
+    figures = json.loads(run(app, "stats", "--json").stdout)
     assert figures["by_kind"] == {"result": 3}
     assert figures["no_ttl"] == 0
 
 
-def test_sweep_dry_run_then_for_real(server: Any, make_app: Any, r: redis.Redis) -> None:
+def test_sweep_dry_run_then_for_real(make_app: Any, r: redis.Redis) -> None:
     app = make_app()
     app.conf.result_expires = None
     app.backend.store_result("t1", 1, states.SUCCESS)
     key = app.backend.layout.result("t1")
-    dry = celery(server, "sweep", "--dry-run")
-    assert dry.returncode == 0, dry.stderr
+    dry = run(app, "sweep", "--dry-run")
+    assert dry.exit_code == 0, dry.output
     assert f"would set ttl on {key}" in dry.stdout
     assert r.ttl(key) == -1
-    real = json.loads(celery(server, "sweep", "--json").stdout)
+    real = json.loads(run(app, "sweep", "--json").stdout)
     assert real["ttl_set"] == 1
     assert r.ttl(key) > 0
 
 
-def test_sweep_delete_with_max_age(server: Any, app: Any, r: redis.Redis) -> None:
+def test_sweep_delete_with_max_age(app: Any, r: redis.Redis) -> None:
     app.backend.store_result("t1", 1, states.SUCCESS)
-    kept = json.loads(celery(server, "sweep", "--delete", "--max-age", "1d", "--json").stdout)
+    kept = json.loads(run(app, "sweep", "--delete", "--max-age", "1d", "--json").stdout)
     assert kept["unlinked"] == 0
-    gone = json.loads(celery(server, "sweep", "--delete", "--max-age", "0", "--json").stdout)
+    gone = json.loads(run(app, "sweep", "--delete", "--max-age", "0", "--json").stdout)
     assert gone["unlinked"] == 1
     assert r.dbsize() == 0
 
 
-def test_bad_max_age_is_a_usage_error(server: Any, r: redis.Redis) -> None:
-    done = celery(server, "sweep", "--max-age", "soon")
-    assert done.returncode == 2
+def test_bad_max_age_is_a_usage_error(app: Any, r: redis.Redis) -> None:
+    done = run(app, "sweep", "--max-age", "soon")
+    assert done.exit_code == 2
     assert "--max-age" in done.stderr
 
 
-def test_sweep_skipped_by_the_lock_exits_5(server: Any, app: Any, r: redis.Redis) -> None:
+def test_sweep_skipped_by_the_lock_exits_5(app: Any, r: redis.Redis) -> None:
     r.set(app.backend.layout.sweep_lock, "another sweeper", ex=30)
-    done = celery(server, "sweep")
-    assert done.returncode == 5
+    done = run(app, "sweep")
+    assert done.exit_code == 5
     assert "skipped" in done.stdout
 
 
-def test_inspect(server: Any, app: Any, r: redis.Redis) -> None:
+def test_inspect(app: Any, r: redis.Redis) -> None:
     app.backend.store_result("t1", {"answer": 42}, states.SUCCESS)
-    shown = celery(server, "inspect", "t1")
-    assert shown.returncode == 0, shown.stderr
+    shown = run(app, "inspect", "t1")
+    assert shown.exit_code == 0, shown.output
     assert "SUCCESS" in shown.stdout
     assert app.backend.layout.result("t1") in shown.stdout
-    report = json.loads(celery(server, "inspect", "t1", "--json").stdout)
+    report = json.loads(run(app, "inspect", "t1", "--json").stdout)
     assert report["keys"][0]["meta"]["result"] == {"answer": 42}
     assert report["keys"][0]["ttl_ms"] > 0
-    missing = celery(server, "inspect", "nope")
-    assert missing.returncode == 1
+    missing = run(app, "inspect", "nope")
+    assert missing.exit_code == 1
 
 
-def test_inspect_shows_garbage_safely(server: Any, app: Any, r: redis.Redis) -> None:
+def test_inspect_shows_garbage_safely(app: Any, r: redis.Redis) -> None:
     r.rpush(app.backend.layout.result("bad"), b"\x1b[31m\x00garbage")
-    shown = celery(server, "inspect", "bad")
-    assert shown.returncode == 0
+    shown = run(app, "inspect", "bad")
+    assert shown.exit_code == 0
     assert "\x1b" not in shown.stdout
     assert "unreadable" in shown.stdout
     assert "UNREADABLE" in shown.stdout
 
 
-def test_unreachable_server_is_one_masked_line(server: Any) -> None:
-    url = f"perkey://:hunter2@127.0.0.1:{free_port()}/0"
-    done = celery(server, "stats", backend=url)
-    assert done.returncode == 3
-    assert "hunter2" not in done.stderr + done.stdout
+def test_unreachable_server_is_one_masked_line(make_app: Any) -> None:
+    app = make_app(backend=f"perkey://:hunter2@127.0.0.1:{free_port()}/0")
+    done = run(app, "stats")
+    assert done.exit_code == 3
+    assert "hunter2" not in done.output
     assert "127.0.0.1" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_an_app_without_perkey_exits_4(server: Any) -> None:
-    done = celery(server, "stats", backend=f"redis://127.0.0.1:{server.port}/0")
-    assert done.returncode == 4
+def test_an_app_without_perkey_exits_4(make_app: Any, server: Any) -> None:
+    app = make_app(backend=f"redis://127.0.0.1:{server.port}/0")
+    done = run(app, "stats")
+    assert done.exit_code == 4
     assert "not perkey" in done.stderr

@@ -240,6 +240,11 @@ def _sweep_a_large_keyspace(count: int, make_app: Any) -> None:
 
 
 def test_sweep_of_a_large_keyspace_scaled_down(make_app: Any) -> None:
+    _sweep_a_large_keyspace(20_000, make_app)
+
+
+@pytest.mark.slow
+def test_sweep_of_a_large_keyspace(make_app: Any) -> None:
     _sweep_a_large_keyspace(100_000, make_app)
 
 
