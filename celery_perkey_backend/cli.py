@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .errors import PerkeyError
+from .errors import PerkeyError, quote_id
 from .keys import parse_ready
 from .settings import parse_duration
 from .stats import TTL_BUCKETS, collect_stats
@@ -155,7 +155,7 @@ def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
     layout = backend.layout
     report: dict[str, Any] = {"task_id": task_id, "keys": []}
     names = [layout.result(task_id), layout.progress(task_id), layout.legacy(task_id)]
-    for info in backend.store.inspect(names, f"inspect task {task_id!r}"):
+    for info in backend.store.inspect(names, f"inspect task {quote_id(task_id)}"):
         entry: dict[str, Any] = {"key": info.key, "type": info.type, "ttl_ms": info.ttl_ms}
         entry["raw"] = _safe(info.raw)
         if info.key == names[0] and isinstance(info.raw, bytes):

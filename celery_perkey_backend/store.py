@@ -29,7 +29,7 @@ from .connection import (
     primaries,
     redis_errors,
 )
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, quote_id
 from .keys import KeyLayout
 from .scripts import Script
 from .settings import Settings
@@ -215,7 +215,7 @@ class ResultStore:
                 "grace_ms": grace,
             },
         )
-        where = f"store result of task {task_id!r}"
+        where = f"store result of task {quote_id(task_id)}"
         replicas = self.settings.min_replicas
 
         def once() -> bool:
@@ -240,7 +240,7 @@ class ResultStore:
                 )
             return bool(stored)
 
-        return self.policy.call(once, f"store of task {task_id!r}")
+        return self.policy.call(once, f"store of task {quote_id(task_id)}")
 
     def set(self, key: str, value: bytes | str, ttl_ms: int, what: str = "write") -> None:
         """SET a plain string key (a saved group), with a TTL unless 0; retried."""
@@ -249,7 +249,7 @@ class ResultStore:
             with self.errors(what, key):
                 self.client.set(key, value, px=ttl_ms or None)
 
-        self.policy.call(once, f"{what} of {key!r}")
+        self.policy.call(once, f"{what} of {quote_id(key)}")
 
     def get(self, key: str) -> bytes | None:
         """GET a plain string key."""
@@ -270,7 +270,7 @@ class ResultStore:
             for key in doomed:  # one by one: the fallback key lives in another slot
                 pipe.delete(key)
 
-        self._pipeline(build, f"forget task {task_id!r}", doomed[0])
+        self._pipeline(build, f"forget task {quote_id(task_id)}", doomed[0])
 
     # -- reading ----------------------------------------------------------------------
 
@@ -290,7 +290,7 @@ class ResultStore:
             if fallback is not None:
                 pipe.get(fallback)
 
-        replies = self._pipeline(build, f"read result of task {task_id!r}", rkey)
+        replies = self._pipeline(build, f"read result of task {quote_id(task_id)}", rkey)
         ready, latest = replies[0], replies[1]
         if ready is not None:
             return Record(task_id, rkey, ready, "ready")
@@ -329,7 +329,7 @@ class ResultStore:
 
     def _read_one(self, task_id: str, consume: bool) -> dict[str, Record]:
         rkey = self.layout.result(task_id)
-        with self.errors(f"read result of task {task_id!r}", rkey):
+        with self.errors(f"read result of task {quote_id(task_id)}", rkey):
             if consume:
                 keys, _ = scripts.TAKE.bind(
                     {"result": rkey, "progress": self.layout.progress(task_id)}
@@ -347,7 +347,7 @@ class ResultStore:
         if self.fallback is None:
             return None
         key = self.fallback(task_id)
-        with self.errors(f"read result of task {task_id!r}", key):
+        with self.errors(f"read result of task {quote_id(task_id)}", key):
             value = cast("bytes | None", self.client.get(key))
         return None if value is None else Record(task_id, key, value, "fallback")
 
@@ -375,7 +375,7 @@ class ResultStore:
         for i, (task_id, rkey) in enumerate(pairs):
             element = replies[i * step]
             if isinstance(element, redis.ResponseError):
-                with self.errors(f"read result of task {task_id!r}", rkey):
+                with self.errors(f"read result of task {quote_id(task_id)}", rkey):
                     raise element
             if element is not None:
                 found[task_id] = Record(task_id, rkey, element, "ready")
@@ -406,7 +406,7 @@ class ResultStore:
             If the connection broke or the reply did not come in time.
         """
         rkey = self.layout.result(task_id)
-        with self.errors(f"wait for task {task_id!r}", rkey):
+        with self.errors(f"wait for task {quote_id(task_id)}", rkey):
             element = self._rotate(rkey, seconds)
         if element is not None:
             return Record(task_id, rkey, element, "ready")
@@ -443,7 +443,7 @@ class ResultStore:
         keys, args = scripts.WATCH.bind(
             {"result": rkey, "progress": pkey}, {"last_id": last_id, "ttl_ms": ttl_ms}
         )
-        with self.errors(f"wait for task {task_id!r}", rkey):
+        with self.errors(f"wait for task {quote_id(task_id)}", rkey):
             ready, entries = self._eval(scripts.WATCH, keys, args)
         if ready:
             return Record(task_id, rkey, ready, "ready"), []
@@ -456,7 +456,7 @@ class ResultStore:
     def block_progress(self, task_id: str, last_id: bytes, seconds: float) -> bool:
         """Block up to ``seconds`` for a progress entry after ``last_id``; True if one came."""
         pkey = self.layout.progress(task_id)
-        with self.errors(f"wait for task {task_id!r}", pkey):
+        with self.errors(f"wait for task {quote_id(task_id)}", pkey):
             news = blocking_call(
                 self.client, pkey, seconds, "XREAD", "BLOCK", max(1, int(seconds * 1000)),
                 "STREAMS", pkey, last_id,
@@ -473,15 +473,15 @@ class ResultStore:
         )
 
         def once() -> None:
-            with self.errors(f"set size of chord {group_id!r}", chord.size):
+            with self.errors(f"set size of chord {quote_id(group_id)}", chord.size):
                 self._eval(scripts.CHORD_SIZE, keys, args)
 
-        self.policy.call(once, f"chord size of {group_id!r}")
+        self.policy.call(once, f"chord size of {quote_id(group_id)}")
 
     def chord_add(self, group_id: str) -> None:
         """Count one more member of a running chord (``add_to_chord``)."""
         added = self.layout.chord_keys(group_id).added
-        with self.errors(f"add to chord {group_id!r}", added):
+        with self.errors(f"add to chord {quote_id(group_id)}", added):
             self.client.incr(added)
 
     def chord_part(
@@ -515,16 +515,16 @@ class ResultStore:
         )
 
         def once() -> ChordTally:
-            with self.errors(f"chord part of {group_id!r}", chord.results):
+            with self.errors(f"chord part of {quote_id(group_id)}", chord.results):
                 count, total, claimed = self._eval(scripts.CHORD_PART, keys, args)
             return ChordTally(int(count), int(total), bool(claimed))
 
-        return self.policy.call(once, f"chord part of {group_id!r}")
+        return self.policy.call(once, f"chord part of {quote_id(group_id)}")
 
     def chord_values(self, group_id: str, total: int) -> list[bytes]:
         """The header results of a chord, in header order (or arrival order)."""
         results = self.layout.chord_keys(group_id).results
-        with self.errors(f"read chord {group_id!r}", results):
+        with self.errors(f"read chord {quote_id(group_id)}", results):
             if self.settings.chord_ordered:
                 values = self.client.zrange(results, 0, -1)
             else:
@@ -539,10 +539,10 @@ class ResultStore:
         )
 
         def once() -> bool:
-            with self.errors(f"finish chord {group_id!r}", chord.claim):
+            with self.errors(f"finish chord {quote_id(group_id)}", chord.claim):
                 return bool(self._eval(scripts.CHORD_DONE, keys, args))
 
-        return self.policy.call(once, f"finish chord {group_id!r}")
+        return self.policy.call(once, f"finish chord {quote_id(group_id)}")
 
     # -- for operators: walking and weighing the keyspace ------------------------------
 
