@@ -3,17 +3,19 @@
 
 Exit codes: 0 done; 1 ``inspect`` found nothing; 2 usage error; 3 the server cannot be
 reached or refused a command; 4 the app does not use this backend; 5 ``sweep`` skipped
-because another sweep holds the lock.
+because another sweep holds the lock; 6 ``doctor`` found something dangerous.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from typing import Any
 
 import click
 
+from .doctor import SEVERITIES, Report, diagnose
 from .errors import PerkeyError, quote_id
 from .keys import parse_ready
 from .settings import parse_duration
@@ -28,6 +30,7 @@ EXIT_NOT_FOUND = 1
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_PERKEY = 4
 EXIT_LOCKED = 5
+EXIT_DANGER = 6
 
 #: Above this many keys in the database, ``sweep`` shows a progress bar.
 PROGRESS_THRESHOLD = 10_000
@@ -183,6 +186,41 @@ def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
             click.echo(f"    raw: {entry['raw']}")
     if not report["keys"]:
         sys.exit(EXIT_NOT_FOUND)
+
+
+@perkey.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for monitoring.")
+@click.option("--sample-limit", default=100_000, show_default=True, help="Keys examined at most.")
+@click.pass_context
+@_guard
+def doctor(ctx: click.Context, as_json: bool, sample_limit: int) -> None:
+    """Check the server and the app's settings for hazards to results.
+
+    Exits 6 when a finding is dangerous, 0 otherwise.
+    """
+    report = diagnose(_backend(ctx), sample_limit=sample_limit)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=repr))
+    else:
+        _print_report(report)
+    if report.dangerous:
+        sys.exit(EXIT_DANGER)
+
+
+def _print_report(report: Report) -> None:
+    """Worst first; for each finding that is not ok, why it matters and the fix."""
+    order = {name: rank for rank, name in enumerate(reversed(SEVERITIES))}
+    for finding in sorted(report.findings, key=lambda f: order[f.severity]):
+        click.echo(f"{finding.severity.upper():<8}{finding.rule}: {finding.finding}")
+        if finding.severity != "ok":
+            for label, text in (("why", finding.why), ("fix", finding.fix)):
+                click.echo(
+                    textwrap.fill(
+                        f"{label}: {text}", 100, initial_indent=" " * 8, subsequent_indent=" " * 13
+                    )
+                )
+    counts = report.counts()
+    click.echo(", ".join(f"{name}: {counts[name]}" for name in reversed(SEVERITIES)))
 
 
 def _safe(raw: Any, limit: int = 200) -> str:

@@ -33,6 +33,7 @@ from .errors import BackendUnavailableError, quote_id
 from .keys import KeyLayout
 from .scripts import Script
 from .settings import Settings
+from .urls import mask_url
 
 __all__ = [
     "PROGRESS_GRACE_MS",
@@ -660,6 +661,52 @@ class ResultStore:
         if kind == "stream":
             return self.client.xrevrange(key, count=1)
         return f"<{kind}>"
+
+    # -- for operators: the server's own state (doctor) ---------------------------------
+    # Read-only, one server at a time, never retried: a check should report what it
+    # finds now. Errors are translated like everywhere else, so a caller can tell a
+    # refused command (StoreCommandError, e.g. NOPERM) from a server it cannot reach
+    # (BackendUnavailableError).
+
+    def node_name(self, node: redis.Redis) -> str:
+        """``host:port`` (or the socket path) of one server, for reports."""
+        kwargs = node.connection_pool.connection_kwargs
+        if kwargs.get("path"):
+            return str(kwargs["path"])
+        if kwargs.get("host"):
+            return f"{kwargs['host']}:{kwargs.get('port', 6379)}"
+        return mask_url(self.settings.redis_url)
+
+    def server_info(self, node: redis.Redis, section: str) -> dict[str, Any]:
+        """``INFO section`` of one server (see :meth:`primaries`), parsed."""
+        with self.errors(f"read INFO {section} of {self.node_name(node)}"):
+            return node.info(section)
+
+    def server_config(self, node: redis.Redis, name: str) -> str | None:
+        """``CONFIG GET name`` of one server; ``None`` if it has no such parameter.
+
+        Raises
+        ------
+        StoreCommandError
+            If the server refuses (an ACL user without ``config|get``, a managed
+            service that renames CONFIG).
+        """
+        with self.errors(f"read config {name!r} of {self.node_name(node)}"):
+            reply = cast("dict[Any, Any]", node.config_get(name))
+        for key, value in reply.items():
+            if _text(key) == name:
+                return _text(value)
+        return None
+
+    def cluster_info(self, node: redis.Redis) -> dict[str, str]:
+        """``CLUSTER INFO`` as one node of a cluster sees it."""
+        with self.errors(f"read CLUSTER INFO of {self.node_name(node)}"):
+            reply = node.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+        if isinstance(reply, dict):  # redis-py parses it under some protocols
+            return {_text(k): _text(v) for k, v in reply.items()}
+        lines = _text(reply).splitlines()
+        pairs = (line.split(":", 1) for line in lines if ":" in line)
+        return {key.strip(): value.strip() for key, value in pairs}
 
 
 def _text(key: bytes | str) -> str:
