@@ -78,7 +78,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self.url = url
         layout = KeyLayout(settings.key_prefix, settings.legacy_prefix)
         self.store = ResultStore(settings, layout.legacy if settings.legacy_fallback else None)
-        self.waiter = Waiter(self.store)
+        self.waiter = Waiter(self.store, multiplex=settings.multiplexed)
         self.chords = ChordCoordinator(self.store, self)
         # Results this thread's callers hold but have not collected yet (a GroupResult
         # registers its members), so one pipelined read can serve a whole join().
@@ -205,7 +205,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         """
         try:
             payload = record.payload
-            if record.kind == "ready":
+            if record.kind != "fallback":
                 payload = parse_ready(payload).payload
             meta = self.decode(payload)
             if not isinstance(meta, dict) or "status" not in meta:
@@ -216,7 +216,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             reason = f"{type(exc).__name__}: {exc}"
             raise CorruptResultError(record.task_id, record.key, reason) from exc
 
-    def _final(self, record: Record) -> Meta | None:
+    def final(self, record: Record) -> Meta | None:
         """The meta of a ready result; ``None`` for a fallback key's unready state."""
         meta = self.decode_record(record)
         if record.kind == "fallback" and meta["status"] not in states.READY_STATES:
@@ -236,7 +236,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         """Every ready result among ``task_ids``, in one round trip (per node)."""
         found = {}
         for task_id, record in self.store.read_ready(task_ids, consume).items():
-            meta = self._final(record)
+            meta = self.final(record)
             if meta is not None:
                 found[task_id] = meta
         return found
@@ -283,6 +283,17 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
                 meta = self._wait_ready(task_id, Deadline(timeout), on_interval, cap)
         finally:
             self.remove_pending_result(result)
+        return self.settle(result, meta, propagate, callback)
+
+    def settle(
+        self,
+        result: Any,
+        meta: Meta,
+        propagate: bool = True,
+        callback: Callable[..., Any] | None = None,
+    ) -> Any:
+        """Give ``result`` its final meta, and answer as ``get()`` does: the value, or
+        the task's exception (raised with ``propagate``)."""
         result._maybe_set_cache(meta)
         return result.maybe_throw(propagate=propagate, callback=callback)
 
@@ -331,11 +342,14 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
                 return self._fetch_ready([task_id], consume=True).get(task_id)
             return self._prefetch(task_id)
 
+        # Through the multiplexer, registering reads the task too: read first only to
+        # serve a join (this thread waits on several results) in one round trip.
+        alone = read_once or not (set(self._pending) - {task_id})
         return self.waiter.until_ready(
             task_id,
             deadline,
-            self._final,
-            first=first,
+            self.final,
+            first=None if self.waiter.multiplex and alone else first,
             consume=read_once,
             on_step=on_interval,
             cap=cap,
@@ -362,7 +376,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             [tid for tid in ids if tid not in self._cache],
             Deadline(timeout),
             functools.partial(self._fetch_ready, consume=read_once),
-            self._final,
+            self.final,
             consume=read_once,
             on_step=on_interval,
             cap=PARENT_CHECK if on_interval is not None else None,

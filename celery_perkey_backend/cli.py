@@ -157,14 +157,22 @@ def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
     backend = _backend(ctx)
     layout = backend.layout
     report: dict[str, Any] = {"task_id": task_id, "keys": []}
-    names = [layout.result(task_id), layout.progress(task_id), layout.legacy(task_id)]
+    names = [
+        layout.result(task_id),
+        layout.state(task_id),
+        layout.watchers(task_id),
+        layout.progress(task_id),
+        layout.legacy(task_id),
+    ]
     for info in backend.store.inspect(names, f"inspect task {quote_id(task_id)}"):
         entry: dict[str, Any] = {"key": info.key, "type": info.type, "ttl_ms": info.ttl_ms}
         entry["raw"] = _safe(info.raw)
-        if info.key == names[0] and isinstance(info.raw, bytes):
+        if info.key in names[:2] and isinstance(info.raw, bytes):
+            ready = info.key == names[0]
             try:
                 entry["written_ms"] = parse_ready(info.raw).written_ms
-                meta = backend.decode_record(Record(task_id, info.key, info.raw, "ready"))
+                record = Record(task_id, info.key, info.raw, "ready" if ready else "progress")
+                meta = backend.decode_record(record)
                 entry["meta"] = _jsonable(meta)
             except Exception as exc:
                 entry["error"] = f"{type(exc).__name__}: {exc}"

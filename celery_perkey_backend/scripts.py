@@ -26,11 +26,11 @@ __all__ = [
     "CHORD_SIZE",
     "LOCK_RELEASE",
     "LOCK_RENEW",
+    "REGISTER",
     "STATS_BATCH",
     "STORE",
     "SWEEP_BATCH",
     "TAKE",
-    "WATCH",
     "Script",
 ]
 
@@ -94,7 +94,7 @@ def _read(name: str) -> str:
 
 
 STORE = Script.load("store")
-WATCH = Script.load("watch")
+REGISTER = Script.load("register")
 TAKE = Script.load("take")
 CHORD_PART = Script.load("chord_part")
 CHORD_SIZE = Script.load("chord_size")
@@ -108,7 +108,7 @@ LOCK_RENEW = Script.load("lock_renew")
 #: cache) gets them all loaded at once.
 ALL = (
     STORE,
-    WATCH,
+    REGISTER,
     TAKE,
     CHORD_PART,
     CHORD_SIZE,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -55,6 +56,7 @@ PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "perkey_sweep_memory_samples": 100,
         "perkey_prometheus_port": None,
         "perkey_prometheus_textfile": None,
+        "perkey_multiplex": "auto",
     }
 )
 
@@ -203,6 +205,16 @@ def parse_count(value: Any, name: str, minimum: int = 0) -> int:
     return number
 
 
+def _auto_or_flag(value: Any, name: str) -> bool | None:
+    """``None`` for ``"auto"``, else a boolean."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        return parse_flag(value, name)
+    except ConfigurationError:
+        raise _bad(name, value, '"auto", True or False') from None
+
+
 def _expiry(value: Any, name: str) -> float | None:
     """A TTL in seconds; ``None`` (or 0) means no TTL, as in Celery."""
     if value is None:
@@ -266,6 +278,7 @@ class Settings:
     sweep_memory_samples: int
     prometheus_port: int | None
     prometheus_textfile: str | None
+    multiplex: bool | None
     socket_timeout_s: float | None
     connection_options: Mapping[str, Any] = field(default_factory=dict)
     transport_options: Mapping[str, Any] = field(default_factory=dict)
@@ -280,6 +293,18 @@ class Settings:
         if not self.chord_expires_s or not self.result_expires_s:
             return None
         return max(self.chord_expires_s, self.result_expires_s)
+
+    @property
+    def multiplexed(self) -> bool:
+        """Whether plain waits go through the process's multiplexer: as set, or with
+        ``"auto"``, when gevent or eventlet has patched the process."""
+        if self.multiplex is not None:
+            return self.multiplex
+        gevent = sys.modules.get("gevent.monkey")
+        if gevent is not None and gevent.is_module_patched("socket"):
+            return True
+        eventlet = sys.modules.get("eventlet.patcher")
+        return eventlet is not None and bool(eventlet.is_monkey_patched("socket"))
 
     @property
     def is_cluster(self) -> bool:
@@ -379,6 +404,7 @@ class Settings:
             if port is None
             else parse_count(port, "perkey_prometheus_port", 1),
             prometheus_textfile=None if textfile is None else str(textfile),
+            multiplex=_auto_or_flag(own("perkey_multiplex"), "perkey_multiplex"),
             socket_timeout_s=socket_timeout,
             connection_options=MappingProxyType(connection),
             transport_options=MappingProxyType(dict(transport)),
