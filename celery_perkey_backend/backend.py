@@ -117,11 +117,12 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def run_sweep(
         self, progress: Callable[[int, int], None] | None = None, **options: Any
     ) -> SweepSummary:
-        """Sweep, then publish the figures if Prometheus export is configured.
+        """Sweep, publishing the bodies of stalled chords (the chord coordinator's
+        repair), then publish the figures if Prometheus export is configured.
 
         Every entry point uses this: :meth:`cleanup`, the sweep task and the CLI.
         """
-        summary = sweep(self.store, progress=progress, **options)
+        summary = sweep(self.store, progress=progress, repair=self.chords.repair, **options)
         publish(self.store, summary)
         return summary
 
@@ -184,6 +185,9 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             settings.failure_expires_s if state == states.FAILURE else settings.result_expires_s
         )
         letter = READY_LETTERS.get(state, "") if state in states.READY_STATES else ""
+        if request is not None:
+            # A chord part counts before its result is stored: see chords.py.
+            self.chords.part_stored(request, state, result)
         self.store.write(task_id, letter, payload, _ms(expires))
         return result
 
@@ -388,7 +392,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self.chords.add(group_id)
 
     def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
-        self.chords.save_header(header_result_args)
+        self.chords.start(header_result_args, body)
 
     def on_chord_part_return(
         self, request: Any, state: str, result: Any, propagate: Any = None, **kwargs: Any

@@ -31,5 +31,5 @@ end
 local expected = {
   r = {list = true}, p = {stream = true}, g = {string = true},
   j = {zset = true, list = true}, s = {string = true}, c = {string = true},
-  t = {string = true}, d = {set = true},
+  t = {string = true}, d = {set = true}, b = {string = true},
 }
