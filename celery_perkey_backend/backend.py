@@ -32,7 +32,7 @@ from .tasks import register_sweep_task
 from .urls import mask_url
 from .waiting import PARENT_CHECK, Waiter
 
-__all__ = ["PREFETCH_LIMIT", "PerkeyBackend"]
+__all__ = ["PREFETCH_LIMIT", "JoinPrefetch", "PerkeyBackend"]
 
 Meta = dict[str, Any]
 
@@ -42,6 +42,32 @@ PREFETCH_LIMIT = 5000
 
 def _ms(seconds: float | None) -> int:
     return int(seconds * 1000) if seconds and seconds > 0 else 0
+
+
+class JoinPrefetch:
+    """The results one thread's callers hold but have not collected yet (a result set
+    registers its members through ``then()``), so that the first ``get()`` of a
+    ``join()`` reads them all in one round trip. Only SUCCESSes are kept for later:
+    they are final, so they cannot go stale."""
+
+    def __init__(self) -> None:
+        self.pending: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        self.kept: dict[str, Meta] = {}
+
+    def others(self, task_id: str) -> list[str]:
+        """The other pending ids, at most :data:`PREFETCH_LIMIT` with ``task_id``; what
+        was kept for ids no longer pending goes."""
+        others = [tid for tid in list(self.pending.keys()) if tid != task_id]
+        for stale in set(self.kept) - set(others) - {task_id}:
+            del self.kept[stale]
+        return others[: PREFETCH_LIMIT - 1]
+
+    def keep(self, task_id: str, found: dict[str, Meta]) -> Meta | None:
+        """Keep the SUCCESSes among ``found`` for later; ``task_id``'s meta, if found."""
+        for tid, meta in found.items():
+            if tid != task_id and meta["status"] == states.SUCCESS:
+                self.kept[tid] = meta
+        return found.get(task_id)
 
 
 class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
@@ -80,10 +106,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self.store = ResultStore(settings, layout.legacy if settings.legacy_fallback else None)
         self.waiter = Waiter(self.store, multiplex=settings.multiplexed)
         self.chords = ChordCoordinator(self.store, self)
-        # Results this thread's callers hold but have not collected yet (a GroupResult
-        # registers its members), so one pipelined read can serve a whole join().
-        self._pending: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-        self._prefetched: dict[str, Meta] = {}
+        self.prefetch = JoinPrefetch()
         register_sweep_task(self.app)
 
     @property
@@ -118,11 +141,12 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def run_sweep(
         self, progress: Callable[[int, int], None] | None = None, **options: Any
     ) -> SweepSummary:
-        """Sweep, then publish the figures if Prometheus export is configured.
+        """Sweep, publishing the bodies of stalled chords (the chord coordinator's
+        repair), then publish the figures if Prometheus export is configured.
 
         Every entry point uses this: :meth:`cleanup`, the sweep task and the CLI.
         """
-        summary = sweep(self.store, progress=progress, **options)
+        summary = sweep(self.store, progress=progress, repair=self.chords.repair, **options)
         publish(self.store, summary)
         return summary
 
@@ -185,11 +209,14 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             settings.failure_expires_s if state == states.FAILURE else settings.result_expires_s
         )
         letter = READY_LETTERS.get(state, "") if state in states.READY_STATES else ""
+        if request is not None:
+            # A chord part counts before its result is stored: see chords.py.
+            self.chords.part_stored(request, state, result)
         self.store.write(task_id, letter, payload, _ms(expires))
         return result
 
     def _forget(self, task_id: str) -> None:
-        self._prefetched.pop(str(task_id), None)
+        self.prefetch.kept.pop(str(task_id), None)
         self.store.forget(str(task_id))
 
     # -- reading ----------------------------------------------------------------------
@@ -246,11 +273,11 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def add_pending_result(self, result: Any, weak: bool = False) -> Any:
         result_id = getattr(result, "id", None)
         if result_id is not None and not hasattr(result, "results"):
-            self._pending[str(result_id)] = result
+            self.prefetch.pending[str(result_id)] = result
         return result
 
     def remove_pending_result(self, result: Any) -> Any:
-        self._pending.pop(str(result.id), None)
+        self.prefetch.pending.pop(str(result.id), None)
         return result
 
     def wait_for_pending(
@@ -310,24 +337,6 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self._ensure_not_eager()
         return self._wait_ready(str(task_id), Deadline(timeout), on_interval)
 
-    def _prefetch(self, task_id: str) -> Meta | None:
-        """Read ``task_id`` together with the other pending results of this thread.
-
-        A ``join()`` then costs one round trip for everything already stored. Only a
-        SUCCESS is kept for later: it is final, so it cannot go stale.
-        """
-        prefetched = self._prefetched.pop(task_id, None)
-        if prefetched is not None:
-            return prefetched
-        others = [tid for tid in list(self._pending.keys()) if tid != task_id]
-        for stale in set(self._prefetched) - set(others):
-            del self._prefetched[stale]
-        found = self._fetch_ready([task_id, *others[: PREFETCH_LIMIT - 1]], consume=False)
-        for tid, meta in found.items():
-            if tid != task_id and meta["status"] == states.SUCCESS:
-                self._prefetched[tid] = meta
-        return found.get(task_id)
-
     def _wait_ready(
         self,
         task_id: str,
@@ -336,15 +345,18 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         cap: float | None = None,
     ) -> Meta:
         read_once = self.settings.read_once
+        others = [] if read_once else self.prefetch.others(task_id)
 
         def first() -> Meta | None:
-            if read_once:
-                return self._fetch_ready([task_id], consume=True).get(task_id)
-            return self._prefetch(task_id)
+            kept = self.prefetch.kept.pop(task_id, None)
+            if kept is not None:
+                return kept
+            found = self._fetch_ready([task_id, *others], consume=read_once)
+            return self.prefetch.keep(task_id, found)
 
         # Through the multiplexer, registering reads the task too: read first only to
         # serve a join (this thread waits on several results) in one round trip.
-        alone = read_once or not (set(self._pending) - {task_id})
+        alone = not others and task_id not in self.prefetch.kept
         return self.waiter.until_ready(
             task_id,
             deadline,
@@ -396,7 +408,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self.chords.add(group_id)
 
     def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
-        self.chords.save_header(header_result_args)
+        self.chords.start(header_result_args, body)
 
     def on_chord_part_return(
         self, request: Any, state: str, result: Any, propagate: Any = None, **kwargs: Any

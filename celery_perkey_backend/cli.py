@@ -85,6 +85,7 @@ def stats(ctx: click.Context, as_json: bool, sample_limit: int) -> None:
         ("no ttl", str(figures.no_ttl)),
         ("oldest without ttl", "-" if age is None else f"{age:.0f}s"),
         ("unexpected type", str(figures.unexpected_type)),
+        ("chords stalled", str(figures.chords_stalled)),
         (
             "bytes per key (sampled)",
             "-" if figures.bytes_per_key is None else f"{figures.bytes_per_key:.0f}",
@@ -102,13 +103,20 @@ def stats(ctx: click.Context, as_json: bool, sample_limit: int) -> None:
 @click.option("--dry-run", is_flag=True, help="Report what would be done; change nothing.")
 @click.option("--delete", is_flag=True, help="Unlink keys past --max-age instead.")
 @click.option("--max-age", default=None, help="Age past which a key is too old, e.g. 1d, 6h.")
+@click.option("--chords-only", is_flag=True, help="Only repair stalled chords.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 @_guard
 def sweep_command(
-    ctx: click.Context, dry_run: bool, delete: bool, max_age: str | None, as_json: bool
+    ctx: click.Context,
+    dry_run: bool,
+    delete: bool,
+    max_age: str | None,
+    chords_only: bool,
+    as_json: bool,
 ) -> None:
-    """Find result keys without a TTL, too old, or left over, and fix them."""
+    """Find result keys without a TTL, too old, or left over, and fix them; publish the
+    bodies of stalled chords."""
     backend = _backend(ctx)
     if max_age is not None:
         try:
@@ -116,7 +124,12 @@ def sweep_command(
         except PerkeyError as exc:
             raise click.BadParameter(str(exc), param_hint="--max-age") from None
     total = backend.store.dbsize()
-    options = {"dry_run": dry_run, "delete": delete or None, "max_age": max_age}
+    options = {
+        "dry_run": dry_run,
+        "delete": delete or None,
+        "max_age": max_age,
+        "chords_only": chords_only,
+    }
     if total > PROGRESS_THRESHOLD and not as_json:
         with click.progressbar(length=total, label="sweeping", file=sys.stderr) as bar:
             seen = [0]
@@ -137,11 +150,19 @@ def sweep_command(
             ("ttl set" if not dry_run else "ttl would be set", str(summary.ttl_set)),
             ("unlinked" if not dry_run else "would unlink", str(summary.unlinked)),
             ("bytes reclaimed (est.)", str(summary.bytes_reclaimed)),
-            ("duration", f"{summary.duration:.3f}s"),
+            ("chords stalled", str(summary.chords_stalled)),
         ]
+        if not dry_run:
+            rows += [
+                ("chords repaired", str(summary.chords_repaired)),
+                ("chords settled", str(summary.chords_settled)),
+                ("chords failed", str(summary.chords_failed)),
+            ]
+        rows.append(("duration", f"{summary.duration:.3f}s"))
         _table(rows)
+        verbs = {"ttl": "set ttl on", "unlink": "unlink", "repair": "repair the chord of"}
         for action, key in summary.planned:
-            click.echo(f"would {'set ttl on' if action == 'ttl' else 'unlink'} {key}")
+            click.echo(f"would {verbs[action]} {key}")
         click.echo(summary.line())
     if summary.skipped_locked:
         sys.exit(EXIT_LOCKED)

@@ -18,7 +18,9 @@ key               type         holds
 ``c:{<gid>}:s``   string       a chord's size
 ``c:{<gid>}:t``   string       members added to a running chord (``add_to_chord``)
 ``c:{<gid>}:d``   set          header results already counted (duplicate deliveries)
-``c:{<gid>}:c``   string       the claim of the worker that publishes the body, then "done"
+``c:{<gid>}:c``   string       who publishes the body, and by when (see :mod:`.chords`), then
+                               "done"
+``c:{<gid>}:b``   string       the body's task id and signature, for a repair
 ``lock:sweep``    string       the sweep lock
 ================  ===========  ==========================================================
 
@@ -71,14 +73,15 @@ KIND_NAMES = {
     "d": "chord",
     "c": "chord",
     "t": "chord",
+    "b": "chord",
     "x": "unknown",
 }
 
 #: The kind code of each chord key, by the letter its name ends in.
-_CHORD_CODES = {"j": "j", "s": "n", "d": "d", "c": "c", "t": "t"}
+_CHORD_CODES = {"j": "j", "s": "n", "d": "d", "c": "c", "t": "t", "b": "b"}
 
 #: The chord parts whose data is gone once the chord's size key is: "leftovers".
-CHORD_DATA_PARTS = frozenset("jdt")
+CHORD_DATA_PARTS = frozenset("jdtb")
 
 _SWEEP_LOCK = "lock:sweep"
 
@@ -105,6 +108,7 @@ class ChordKeys(NamedTuple):
     counted: str
     claim: str
     added: str
+    body: str
 
     def named(self) -> dict[str, str]:
         """The keys by name, as the chord scripts take them."""
@@ -160,6 +164,7 @@ class KeyLayout:
             counted=chord(group_id, "d"),
             claim=chord(group_id, "c"),
             added=chord(group_id, "t"),
+            body=chord(group_id, "b"),
         )
 
     @property
@@ -188,6 +193,22 @@ class KeyLayout:
         if code == "c" and len(rest) > 5 and rest[-2] == ":" and rest[-1] in _CHORD_CODES:
             return _CHORD_CODES[rest[-1]]
         return "x"
+
+    def chord_group(self, name: str) -> str | None:
+        """The group id of a chord key of ours; ``None`` for any other key."""
+        if self.kind_of(name) not in {"j", "n", "d", "c", "t", "b"}:
+            return None
+        # "{<id>}", or "{<sha1>}<id>" for an id that holds a brace (see _tagged).
+        tagged = name[len(self.prefix) + 2 : -2]
+        close = tagged.find("}")
+        if close < 1:
+            return None
+        return tagged[close + 1 :] or tagged[1:close] or None
+
+    @property
+    def match_chord_claims(self) -> str:
+        """A SCAN MATCH pattern for the claim key of every chord of ours."""
+        return glob_escape(self.prefix) + "c:{*:c"
 
     def chord_size_key(self, name: str) -> str | None:
         """For a chord data key (results, counted, added), its chord's size key."""

@@ -55,6 +55,7 @@ def export_prometheus(
         for bucket, count in stats.ttl_histogram.items():
             metrics["ttl"].labels(remaining=bucket).set(count)
         metrics["no_ttl"].set(stats.no_ttl)
+        metrics["stalled"].set(stats.chords_stalled)
         metrics["oldest"].set(stats.oldest_no_ttl_age or 0)
         metrics["bytes"].set(stats.bytes_per_key or 0)
         metrics["db_keys"].set(stats.db_keys)
@@ -65,6 +66,8 @@ def export_prometheus(
             metrics["swept"].labels(**{"class": cls}).inc(count)
         metrics["ttl_set"].inc(summary.ttl_set)
         metrics["unlinked"].inc(summary.unlinked)
+        for outcome in ("repaired", "settled", "failed"):
+            metrics["chords"].labels(outcome=outcome).inc(getattr(summary, f"chords_{outcome}"))
     if textfile:
         prom.write_to_textfile(textfile, registry)
     return registry
@@ -101,6 +104,7 @@ def _metrics(registry: Any) -> dict[str, Any]:
         "keys": gauge("keys", "Result backend keys by kind", ("kind",)),
         "ttl": gauge("keys_ttl_remaining", "Keys by remaining TTL", ("remaining",)),
         "no_ttl": gauge("keys_without_ttl", "Keys of ours with no TTL"),
+        "stalled": gauge("chords_stalled", "Chords complete but never published, past deadline"),
         "oldest": gauge("oldest_key_without_ttl_seconds", "Age of the oldest TTL-less key"),
         "bytes": gauge("key_bytes", "Sampled MEMORY USAGE per key"),
         "db_keys": gauge("db_keys", "All keys in the database"),
@@ -109,6 +113,9 @@ def _metrics(registry: Any) -> dict[str, Any]:
         "swept": counter("swept_keys", "Keys seen by sweeps, by class", ("class",)),
         "ttl_set": counter("sweep_ttl_set", "TTLs set by sweeps"),
         "unlinked": counter("sweep_unlinked", "Keys unlinked by sweeps"),
+        "chords": counter(
+            "sweep_chords", "Stalled chords handled by sweeps, by outcome", ("outcome",)
+        ),
     }
     _registered[id(registry)] = found
     return found

@@ -23,7 +23,10 @@ __all__ = [
     "ALL",
     "CHORD_DONE",
     "CHORD_PART",
+    "CHORD_PUBLISHING",
     "CHORD_SIZE",
+    "CHORD_STALLED",
+    "CHORD_TAKE_OVER",
     "LOCK_RELEASE",
     "LOCK_RENEW",
     "REGISTER",
@@ -99,6 +102,9 @@ TAKE = Script.load("take")
 CHORD_PART = Script.load("chord_part")
 CHORD_SIZE = Script.load("chord_size")
 CHORD_DONE = Script.load("chord_done")
+CHORD_PUBLISHING = Script.load("chord_publishing")
+CHORD_TAKE_OVER = Script.load("chord_take_over")
+CHORD_STALLED = Script.load("chord_stalled")
 SWEEP_BATCH = Script.load("sweep_batch")
 STATS_BATCH = Script.load("stats_batch")
 LOCK_RELEASE = Script.load("lock_release")
@@ -113,6 +119,9 @@ ALL = (
     CHORD_PART,
     CHORD_SIZE,
     CHORD_DONE,
+    CHORD_PUBLISHING,
+    CHORD_TAKE_OVER,
+    CHORD_STALLED,
     SWEEP_BATCH,
     STATS_BATCH,
     LOCK_RELEASE,

@@ -46,6 +46,7 @@ PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "perkey_max_result_bytes": REDIS_MAX_BULK,
         "perkey_min_replicas": 0,
         "perkey_min_replicas_timeout": 1.0,
+        "perkey_chord_claim_ttl": 60.0,
         "perkey_sweep_max_age": 86400.0,
         "perkey_sweep_delete": False,
         "perkey_sweep_ttl": None,
@@ -223,6 +224,13 @@ def _expiry(value: Any, name: str) -> float | None:
     return seconds or None
 
 
+def _positive_duration(value: Any, name: str) -> float:
+    seconds = parse_duration(value, name)
+    if seconds <= 0:
+        raise _bad(name, value, _DURATION_FORMS, "must be more than 0")
+    return seconds
+
+
 def _optional_duration(value: Any, name: str) -> float | None:
     return None if value is None else parse_duration(value, name)
 
@@ -262,6 +270,7 @@ class Settings:
     chord_expires_s: float | None
     chord_join_timeout_s: float
     chord_ordered: bool
+    chord_claim_ttl_s: float
     read_once: bool
     legacy_fallback: bool
     max_result_bytes: int
@@ -372,6 +381,9 @@ class Settings:
                 conf.get("result_chord_join_timeout") or 5.0, "result_chord_join_timeout"
             ),
             chord_ordered=parse_flag(ordered, "result_chord_ordered"),
+            chord_claim_ttl_s=_positive_duration(
+                own("perkey_chord_claim_ttl"), "perkey_chord_claim_ttl"
+            ),
             read_once=parse_flag(own("perkey_read_once"), "perkey_read_once"),
             legacy_fallback=parse_flag(own("perkey_legacy_fallback"), "perkey_legacy_fallback"),
             max_result_bytes=min(

@@ -1,7 +1,9 @@
 """Key metrics: what is in the keyspace.
 
 :func:`collect_stats` counts our keys by kind, histograms their remaining TTLs, finds
-keys with no TTL and the oldest of them, and weighs a sample with MEMORY USAGE. On a
+keys with no TTL and the oldest of them, counts stalled chords (complete, body never
+published, claim past its deadline: the sweep repairs them), and weighs a sample with
+MEMORY USAGE. On a
 large keyspace it samples: it examines the first ``sample_limit`` keys SCAN returns
 (hash order, so close to random) and scales the counts up, and says so.
 """
@@ -16,7 +18,7 @@ from typing import Any
 from . import scripts
 from .keys import KIND_NAMES
 from .store import ResultStore
-from .sweep import HasStore, key_batches, store_of
+from .sweep import HasStore, key_batches, stalled_chords, store_of
 
 __all__ = ["TTL_BUCKETS", "KeyStats", "collect_stats"]
 
@@ -39,6 +41,7 @@ class KeyStats:
     no_ttl: int = 0
     oldest_no_ttl_age: float | None = None
     unexpected_type: int = 0
+    chords_stalled: int = 0
     bytes_per_key: float | None = None
     our_keys: int = 0
     db_keys: int = 0
@@ -107,6 +110,7 @@ def collect_stats(
             if int(oldest) >= 0 and (oldest_ms < 0 or int(oldest) < oldest_ms):
                 oldest_ms = int(oldest)
         weights.extend(sizes)
+        stats.chords_stalled += len(stalled_chords(store, node, ours))
         if stats.examined >= sample_limit:
             break
     scale = stats.db_keys / stats.examined if stats.sampled and stats.examined else 1.0
@@ -116,6 +120,7 @@ def collect_stats(
     }
     stats.no_ttl = round(stats.no_ttl * scale)
     stats.unexpected_type = round(stats.unexpected_type * scale)
+    stats.chords_stalled = round(stats.chords_stalled * scale)
     stats.our_keys = sum(stats.by_kind.values())
     stats.oldest_no_ttl_age = max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms >= 0 else None
     stats.bytes_per_key = sum(weights) / len(weights) if weights else None

@@ -46,6 +46,7 @@ logger = logging.getLogger("celery_perkey_backend")
 __all__ = [
     "INBOX_TTL_MS",
     "INLINE_MAX",
+    "ChordStall",
     "ChordTally",
     "KeyInfo",
     "Note",
@@ -118,12 +119,28 @@ class Probe(NamedTuple):
 
 class ChordTally(NamedTuple):
     """What recording one chord part found: results so far, the total expected (-1
-    while the size is not set, or once the chord is done), and whether this call
-    claimed the body."""
+    while the size is not set, or once the chord is done), whether this call holds the
+    claim on the body, and ``stale``: the claim value of a claimer that was publishing
+    the body and is past its deadline (look for the body before taking it over)."""
 
     parts: int
     total: int
     claimed: bool
+    stale: bytes | None = None
+
+
+class ChordStall(NamedTuple):
+    """A stalled chord as :meth:`ResultStore.chord_reclaim` found it.
+
+    ``verdict``: ``"C"`` now claimed by the caller (its claimer never sent the body),
+    ``"P"`` stalled while publishing (``seen`` is the claim value: look for the body,
+    then :meth:`ResultStore.chord_take_over`), ``"-"`` not stalled after all.
+    ``total`` is the number of header results.
+    """
+
+    verdict: str
+    total: int
+    seen: bytes | None
 
 
 @dataclass(frozen=True)
@@ -646,14 +663,24 @@ class ResultStore:
         group_ttl_ms: int,
         claim_ttl_ms: int,
         token: str,
+        take: bool = True,
     ) -> ChordTally:
         """Record one header result, once per task and index, and maybe claim the body.
 
-        A retry with the same ``token`` is safe: the part counts once.
+        With ``take`` false it only records (and marks a complete chord as waiting for
+        a claimer, with a deadline of ``claim_ttl_ms``). A retry with the same
+        ``token`` is safe: the part counts once and finds its own claim.
         """
         chord = self.layout.chord_keys(group_id)
         keys, args = scripts.CHORD_PART.bind(
-            {**chord.named(), "group": self.layout.group(group_id)},
+            {
+                "results": chord.results,
+                "size": chord.size,
+                "counted": chord.counted,
+                "claim": chord.claim,
+                "added": chord.added,
+                "group": self.layout.group(group_id),
+            },
             {
                 "task_id": task_id,
                 "value": value,
@@ -662,14 +689,16 @@ class ResultStore:
                 "ttl_ms": ttl_ms,
                 "group_ttl_ms": group_ttl_ms,
                 "claim_ttl_ms": claim_ttl_ms,
+                "take": "1" if take else "0",
                 "token": token,
             },
         )
 
         def once() -> ChordTally:
             with self.errors(f"chord part of {quote_id(group_id)}", chord.results):
-                count, total, claimed = self._eval(scripts.CHORD_PART, keys, args)
-            return ChordTally(int(count), int(total), bool(claimed))
+                count, total, status, seen = self._eval(scripts.CHORD_PART, keys, args)
+            stale = seen if int(status) == 2 else None
+            return ChordTally(int(count), int(total), int(status) == 1, stale)
 
         return self.policy.call(once, f"chord part of {quote_id(group_id)}")
 
@@ -684,7 +713,7 @@ class ResultStore:
         return cast("list[bytes]", values)
 
     def chord_done(self, group_id: str, token: str, marker_ttl_ms: int) -> bool:
-        """Drop a finished chord's data if ``token`` still holds the claim."""
+        """Mark a chord's body published and drop its data, if ``token`` holds the claim."""
         chord = self.layout.chord_keys(group_id)
         keys, args = scripts.CHORD_DONE.bind(
             chord.named(), {"token": token, "marker_ttl_ms": marker_ttl_ms}
@@ -814,6 +843,89 @@ class ResultStore:
         if kind == "set":
             return sorted(self.client.smembers(key))
         return f"<{kind}>"
+
+    # -- chord recovery: publishing, takeovers, stalled chords ------------------------
+
+    def chord_publishing(self, group_id: str, token: str, claim_ttl_ms: int) -> bool:
+        """Record that ``token``'s holder is about to publish the body (retried).
+
+        False when it lost the claim meanwhile: it must not publish.
+        """
+        claim = self.layout.chord_keys(group_id).claim
+        keys, args = scripts.CHORD_PUBLISHING.bind(
+            {"claim": claim}, {"token": token, "claim_ttl_ms": claim_ttl_ms}
+        )
+
+        def once() -> bool:
+            with self.errors(f"publish chord {quote_id(group_id)}", claim):
+                return bool(self._eval(scripts.CHORD_PUBLISHING, keys, args))
+
+        return self.policy.call(once, f"publish chord {quote_id(group_id)}")
+
+    def chord_take_over(self, group_id: str, seen: bytes, token: str, claim_ttl_ms: int) -> bool:
+        """Claim the body for ``token`` if the claim is still ``seen`` (retried)."""
+        claim = self.layout.chord_keys(group_id).claim
+        keys, args = scripts.CHORD_TAKE_OVER.bind(
+            {"claim": claim}, {"seen": seen, "token": token, "claim_ttl_ms": claim_ttl_ms}
+        )
+
+        def once() -> bool:
+            with self.errors(f"take over chord {quote_id(group_id)}", claim):
+                return bool(self._eval(scripts.CHORD_TAKE_OVER, keys, args))
+
+        return self.policy.call(once, f"take over chord {quote_id(group_id)}")
+
+    def _stall_call(
+        self, group_id: str, take: bool, token: str = "", claim_ttl_ms: int = 0
+    ) -> tuple[list[Any], list[Any]]:
+        chord = self.layout.chord_keys(group_id)
+        return scripts.CHORD_STALLED.bind(
+            {
+                "results": chord.results,
+                "size": chord.size,
+                "claim": chord.claim,
+                "added": chord.added,
+            },
+            {
+                "ordered": "1" if self.settings.chord_ordered else "0",
+                "take": "1" if take else "0",
+                "token": token,
+                "claim_ttl_ms": claim_ttl_ms,
+            },
+        )
+
+    def chord_reclaim(self, group_id: str, token: str, claim_ttl_ms: int) -> ChordStall:
+        """Claim a stalled chord for ``token``: complete, not published, its claim late."""
+        keys, args = self._stall_call(group_id, True, token, claim_ttl_ms)
+        claim = self.layout.chord_keys(group_id).claim
+        with self.errors(f"reclaim chord {quote_id(group_id)}", claim):
+            verdict, total, seen = self._eval(scripts.CHORD_STALLED, keys, args)
+        verdict = _text(verdict)
+        return ChordStall(verdict, int(total), seen if verdict == "P" else None)
+
+    def stalled_chords(self, node: redis.Redis, group_ids: Sequence[str]) -> list[str]:
+        """Those of ``group_ids`` (chords whose keys ``node`` holds) that have stalled.
+
+        Stalled: the header is complete, the body not marked published, and the claim
+        past its deadline. One pipelined round trip; nothing is changed.
+        """
+        if not group_ids:
+            return []
+        calls = [self._stall_call(group_id, False) for group_id in group_ids]
+        replies, _ = self.run_scripts(node, scripts.CHORD_STALLED, calls, "find stalled chords")
+        return [
+            group_id
+            for group_id, (verdict, _, _) in zip(group_ids, replies, strict=True)
+            if _text(verdict) == "S"
+        ]
+
+    def chord_save_body(self, group_id: str, payload: bytes, ttl_ms: int) -> None:
+        """Keep a chord's encoded body (its task id and signature) for a repair."""
+        self.set(self.layout.chord_keys(group_id).body, payload, ttl_ms, "save chord body")
+
+    def chord_body(self, group_id: str) -> bytes | None:
+        """A chord's encoded body, as :meth:`chord_save_body` kept it."""
+        return self.get(self.layout.chord_keys(group_id).body)
 
     # -- for operators: the server's own state (doctor) ---------------------------------
     # Read-only, one server at a time, never retried: a check should report what it

@@ -10,7 +10,6 @@ from celery import states
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-
 STATES = [
     states.STARTED,
     states.RETRY,
