@@ -26,7 +26,6 @@ for a revoked task, and, as ``get()`` follows parents, a failed parent's own err
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -83,9 +82,16 @@ class _Waits:
         self.watches.clear()
 
     async def step(self, deadline: Deadline, cap: float) -> None:
-        """Sleep until something arrives, ``cap`` passes, or the deadline does."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.woken.wait(), deadline.block_for(cap))
+        """Sleep until something arrives, ``cap`` passes, or the deadline does.
+
+        A timer sets the event rather than ``asyncio.wait_for``, which (before Python
+        3.12) swallows a cancellation that arrives as the awaited event is set.
+        """
+        timer = self.loop.call_later(deadline.block_for(cap), self.woken.set)
+        try:
+            await self.woken.wait()
+        finally:
+            timer.cancel()
         self.woken.clear()
 
 

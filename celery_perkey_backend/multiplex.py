@@ -94,6 +94,10 @@ class Watch:
     shown: bytes | None = None
     #: Whether its :class:`Initial` was handed on.
     started: bool = False
+    #: Notifications that came before its registration's reply: handed on after it.
+    early: list[Record] = field(default_factory=list)
+    #: A read-once wait whose registration found the result: it starts with the take.
+    taking: bool = False
 
     def push(self, item: Item) -> None:
         self.items.append(item)
@@ -191,35 +195,54 @@ class Multiplexer:
     ) -> None:
         """Hand ``record`` to the waits of ``task_id`` that want it, once each.
 
-        A read-once wait gets a ready result only once the registrar has taken it
+        ``initial``: the task's state at its registration, which each wait starts with
+        (an :class:`Initial`); what arrives for a wait before that is handed on after
+        it. A read-once wait gets a ready result only once the registrar has taken it
         (``taken``; ``None`` when another reader took it first): of several such waits
-        here, one gets it. Until then it has not started.
+        here, one gets it.
         """
         with self._lock:
             watches = list(self._watches.get(task_id, ()))
         taker = True
         for watch in watches:
-            ready = record is not None and record.kind == "ready"
-            if watch.consume and (ready or taken):
+            if watch.consume and (taken or (record is not None and record.kind == "ready")):
                 if not taken:
+                    watch.taking = watch.taking or initial
                     self._want(self._to_take, task_id)
                     continue
-                if record is not None and not taker:
-                    continue
-                taker = taker and record is None
-            elif not initial and (
-                record is None
-                or record.payload == watch.shown
-                or (record.kind == "progress" and not watch.progress)
-            ):
-                continue
-            watch.shown = None if record is None else record.payload
-            if watch.started:
-                if record is not None:
-                    watch.push(record)
-            else:
-                watch.started = True
-                watch.push(Initial(record))
+                got = record if taker else None
+                taker = taker and got is None
+                if watch.taking:
+                    watch.taking = False
+                    self._start(watch, got)
+                elif got is not None:
+                    self._pass(watch, got)
+            elif initial:
+                if not watch.started:
+                    self._start(watch, record)
+                elif record is not None:
+                    self._pass(watch, record)  # another wait's registration: if new
+            elif record is not None:
+                self._pass(watch, record)
+
+    @staticmethod
+    def _start(watch: Watch, record: Record | None) -> None:
+        """Start a wait with its task's state at registration, then what came since."""
+        watch.started = True
+        watch.shown = None if record is None else record.payload
+        watch.push(Initial(record))
+        early, watch.early = watch.early, []
+        for later in early:
+            Multiplexer._pass(watch, later)
+
+    @staticmethod
+    def _pass(watch: Watch, record: Record) -> None:
+        """Hand a state on, unless it is not new to the wait or not for it."""
+        if not watch.started:
+            watch.early.append(record)  # its registration's reply is still on its way
+        elif record.payload != watch.shown and (watch.progress or record.kind != "progress"):
+            watch.shown = record.payload
+            watch.push(record)
 
     def _fail(self, error: BaseException) -> None:
         with self._lock:
@@ -303,9 +326,10 @@ class Multiplexer:
                 self._check()
                 self._failures = 0
             except PerkeyError as exc:
-                self._trouble(exc, True)
+                self._trouble(exc, True)  # pauses before the next attempt
                 with self._lock:
                     self._check_all = True
+                self._work.set()
 
     def _until_next(self) -> float:
         with self._lock:

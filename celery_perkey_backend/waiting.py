@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 import redis
@@ -152,13 +153,23 @@ class Waiter:
     def attempt(self, op: Callable[[], T], task_id: str, deadline: Deadline) -> T:
         """One read of a wait, outside its steps: bounded by the deadline, retried.
 
+        Multiplexed, it runs on the multiplexer's connection, so that any number of
+        concurrent waits read through a handful of connections.
+
         Raises
         ------
         celery.exceptions.TimeoutError
             When the deadline passes first.
         """
         with bounded_by(deadline):
-            return self._retried(op, task_id, deadline, [])
+            if not self.multiplex:
+                return self._retried(op, task_id, deadline, [])
+            future = self.mux.call(lambda: self._retried(op, task_id, deadline, []))
+            try:
+                return future.result(timeout=deadline.remaining())
+            except FutureTimeout:
+                future.cancel()
+                raise _timed_out(task_id) from None
 
     def until_ready(
         self,

@@ -17,7 +17,7 @@ from celery.result import ResultSet
 
 from celery_perkey_backend.testing import EmbeddedServer
 
-from .conftest import Boom, running_worker, wait_for_blocked_clients
+from .conftest import Boom, running_worker, wait_until
 
 
 @pytest.mark.parametrize("scheme", ["redis", "perkey"])
@@ -49,9 +49,16 @@ class ParentFailed(Exception):
     error would be raised by Celery's own on_interval."""
 
 
+def _waiting_on(app: Any, r: redis.Redis, task_id: str) -> bool:
+    """Whether a wait on ``task_id`` has begun: blocked on its list, or (through the
+    multiplexer) registered for it."""
+    blocked = any(c["cmd"] in ("blmove", "brpoplpush") for c in r.client_list())
+    return blocked or bool(r.exists(app.backend.layout.watchers(task_id)))
+
+
 def _store_once_waiting(app: Any, r: redis.Redis, task_id: str, stored: threading.Event) -> None:
     def run() -> None:
-        wait_for_blocked_clients(r, 1)
+        wait_until(lambda: _waiting_on(app, r, task_id), f"a wait on {task_id} began")
         stored.set()  # before the store: the step that sees it always finds it set
         app.backend.store_result(task_id, "late", states.SUCCESS)
 
