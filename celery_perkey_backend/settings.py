@@ -391,14 +391,43 @@ def _require_prometheus(setting: str) -> None:
 
 
 def _reject_unknown(conf: Mapping[str, Any]) -> None:
-    """A misspelt ``perkey_*`` setting would silently keep its default: refuse it."""
+    """A setting of ours that Celery would not hand over keeps its default: refuse it.
+
+    That is a misspelt name (``perkey_read_onec``), and a right name in a form this
+    configuration does not read: with ``config_from_object(..., namespace="CELERY")``
+    (Django) Celery reads ``CELERY_PERKEY_READ_ONCE``, and without a namespace only
+    ``perkey_read_once``, so ``PERKEY_READ_ONCE`` would be ignored in both.
+    """
+    # Celery's settings object knows its namespace (``"CELERY_"``); a plain mapping has none.
+    prefix = getattr(conf, "prefix", None) or ""
     for name in list(conf):
-        if not isinstance(name, str) or not name.lower().startswith("perkey_"):
+        if not isinstance(name, str):
             continue
-        if name not in PERKEY_DEFAULTS:
-            close = difflib.get_close_matches(name.lower(), list(PERKEY_DEFAULTS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+        bare = name.lower()
+        if prefix and bare.startswith(prefix.lower()):
+            bare = bare[len(prefix) :]
+        if not bare.startswith("perkey_"):
+            continue
+        if bare not in PERKEY_DEFAULTS:
+            close = difflib.get_close_matches(bare, list(PERKEY_DEFAULTS), n=1)
+            hint = f"; did you mean {_spelt(close[0], prefix, name)!r}?" if close else ""
             raise ConfigurationError(f"unknown setting {name!r}{hint}")
+        if conf.get(bare) is None and conf.get(name) is not None:
+            raise ConfigurationError(
+                f"setting {name!r} is not read in this form; write it as "
+                f"{_spelt(bare, prefix, name)!r}"
+            )
+
+
+def _spelt(setting: str, prefix: str, written: str) -> str:
+    """``setting`` in the form this configuration reads, close to how it was written.
+
+    Under a namespace (``"CELERY_"``) that is ``CELERY_PERKEY_…``, unless the name was
+    written in lower case without it (``app.conf.perkey_…``), which Celery reads too.
+    """
+    if prefix and (written.lower().startswith(prefix.lower()) or not written.islower()):
+        return prefix + (setting.upper() if prefix.isupper() else setting)
+    return setting
 
 
 def _retry(conf: Mapping[str, Any], transport: Mapping[str, Any]) -> RetrySettings:
