@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"backend", "cli"},
     {"__init__"},
     {"testing.server"},
-    {"testing.topology"},
+    {"testing.topology", "testing.fixtures"},
     {"testing.__init__"},
 ]
 RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
