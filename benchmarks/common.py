@@ -166,6 +166,8 @@ LABELS = {
     "sqlite": "db+sqlite://",
     "raw": "raw redis-py (floor)",
     "perkey-tracked": "perkey:// + STARTED",
+    "perkey-hiredis": "perkey:// with hiredis",
+    "perkey-python": "perkey:// pure-Python parser",
 }
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
