@@ -42,7 +42,7 @@ local bytes, weighed = 0, 0
 for n = 1, count do
   local key = KEYS[n]
   local code = string.sub(kinds, n, n)
-  local kind = redis.call('TYPE', key)['ok']
+  local kind, written = look(key, code)
   local class, action = '-', '.'
   if kind ~= 'none' and code ~= '-' then
     local no_ttl = redis.call('PTTL', key) == -1
@@ -52,7 +52,7 @@ for n = 1, count do
       class = 'L'
       if no_ttl then action = 't' end
     else
-      local written = stamp(key, kind)
+      if written == nil then written = stamp(key, kind) end
       if written >= 0 and written < cutoff then
         class = 'O'
         if delete then action = 'u' elseif no_ttl then action = 't' end
