@@ -168,6 +168,7 @@ LABELS = {
     "perkey-tracked": "perkey:// + STARTED",
     "perkey-hiredis": "perkey:// with hiredis",
     "perkey-python": "perkey:// pure-Python parser",
+    "perkey-baseline": "perkey:// --baseline tree, with hiredis",
 }
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"

@@ -10,6 +10,11 @@ the sides alternating and their order flipping from round to round:
 * ``python``: the child with ``PERKEY_BENCH_PARSER=python``, so that it and its helper
   process run as if hiredis were not installed (see :mod:`benchmarks`).
 
+With ``--baseline DIR`` (a directory holding another revision's ``celery_perkey_backend``
+package, e.g. from ``git archive``), a third side runs that package's sweep (figure 9
+only, with hiredis) in the same rounds: the sweep before and after a change, side by
+side, for the sweep rate and for what it costs other clients' latency.
+
 A child is ``python -m benchmarks.parsers``: it runs those figures for one round on the
 parent's server, with the parent's sizes, and writes its per-round values as JSON.
 """
@@ -67,8 +72,9 @@ def run_parsers(bench: Bench) -> None:
     if not bench.has("perkey"):
         bench.results.unavailable["parser"] = "Not run: the perkey backend is not selected."
         return
+    sides = [*SIDES, "baseline"] if bench.baseline else list(SIDES)
     for number in bench.round_range("parser"):
-        for side in SIDES if number % 2 == 0 else SIDES[::-1]:
+        for side in sides if number % 2 == 0 else sides[::-1]:
             found = _child(bench, side)
             for metric in REPORTED:
                 for value in found["values"].get(metric, []):
@@ -82,21 +88,30 @@ def _child(bench: Bench, side: str) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "PERKEY_BENCH_PARSER"}
     if side == "python":
         env["PERKEY_BENCH_PARSER"] = "python"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # The baseline's package first: it wins over the one installed from this tree.
+    paths = [str(bench.baseline)] if side == "baseline" and bench.baseline else []
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, str(ROOT), env.get("PYTHONPATH")]))
+    figures = ["sweep"] if side == "baseline" else list(CHILD_FIGURES)
     with tempfile.TemporaryDirectory(prefix="perkey-bench-parser-") as tmp:
         out = Path(tmp) / "values.json"
         sizes = json.dumps(dataclasses.asdict(bench.sizes))
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.parsers", "--port", str(bench.port),
-             "--sizes", sizes, "--out", str(out)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=CHILD_LIMIT,
+             "--sizes", sizes, "--out", str(out), "--figures", ",".join(figures)],
+            # Not from ROOT: ``-m`` puts the working directory first on sys.path, ahead of
+            # PYTHONPATH, and the baseline's package must come first.
+            cwd=tmp, env=env, capture_output=True, text=True, timeout=CHILD_LIMIT,
         )  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"the {side} side failed: {proc.stderr[-2000:]}")
         found: dict[str, Any] = json.loads(out.read_text())
-    wanted = "hiredis" if side == "hiredis" else "python"
+    wanted = "python" if side == "python" else "hiredis"
     if found["parser"] != wanted:
         raise RuntimeError(f"the {side} side ran with the {found['parser']} parser")
+    package = Path(found["package"]).resolve()
+    expected = (bench.baseline if side == "baseline" and bench.baseline else ROOT).resolve()
+    if expected not in package.parents:
+        raise RuntimeError(f"the {side} side ran the package at {package}")
     return found
 
 
@@ -116,6 +131,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--sizes", required=True, help="benchmarks.common.Sizes as JSON")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--figures", default=",".join(CHILD_FIGURES))
     args = parser.parse_args(argv)
     sizes = Sizes(**json.loads(args.sizes))
     results = Results()
@@ -125,17 +141,23 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         bench = Bench(sizes, 1, results, Budget(CHILD_LIMIT), args.port, Path(tmp), specs, helper)
         try:
             warm(bench)
-            for figure in CHILD_FIGURES:
+            for figure in args.figures.split(","):
                 FIGURES[figure](bench)
                 with contextlib.suppress(Exception):
                     bench.client(0).flushdb()
         finally:
             bench.close()
             helper.close()
+    import celery_perkey_backend
+
     values = {metric: results.get(metric, "perkey") for metric in REPORTED}
-    args.out.write_text(
-        json.dumps({"parser": _parser_in_use(), "values": values, "notes": results.notes})
-    )
+    found = {
+        "parser": _parser_in_use(),
+        "package": celery_perkey_backend.__file__,
+        "values": values,
+        "notes": results.notes,
+    }
+    args.out.write_text(json.dumps(found))
     return 0
 
 

@@ -146,6 +146,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pool", choices=("prefork", "threads"), default="prefork", help="e2e worker pool"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a directory holding another revision's celery_perkey_backend package (e.g. "
+        "from git archive): figure 10 also runs its sweep, side by side",
+    )
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
     parser.add_argument(
         "--max-minutes",
@@ -196,6 +202,15 @@ def run_meta(
         "software": f"Python {platform.python_version()}, celery {_version('celery')}, kombu "
         f"{_version('kombu')}, redis-py {_version('redis')} ({_parser()})" + more_software,
     }
+
+
+def _baseline(path: Path | None) -> Path | None:
+    """The ``--baseline`` directory, checked: it must hold the package."""
+    if path is None:
+        return None
+    if not (path / "celery_perkey_backend" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline {path}: no celery_perkey_backend package in it")
+    return path.resolve()
 
 
 def _parser() -> str:
@@ -277,8 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(started, f"server {binary} on 127.0.0.1:{server.port}; backends: {', '.join(names)}")
         helper = Helper(specs, server.port)
         bench = Bench(
-            sizes, rounds, results, budget, server.port, Path(tmp), specs, helper, args.pool
-        )
+            sizes, rounds, results, budget, server.port, Path(tmp), specs, helper, args.pool,
+            baseline=_baseline(args.baseline),
+        )  # fmt: skip
         try:
             info = bench.client(0).info("server")
             server_name = (
