@@ -47,7 +47,7 @@ PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "perkey_sweep_max_age": 86400.0,
         "perkey_sweep_delete": False,
         "perkey_sweep_ttl": None,
-        "perkey_sweep_scan_count": 1000,
+        "perkey_sweep_scan_count": None,  # the batch size
         "perkey_sweep_batch_size": 200,
         "perkey_sweep_pause": 0.0,
         "perkey_sweep_lock_ttl": 60.0,
@@ -254,7 +254,7 @@ class Settings:
     sweep_max_age_s: float
     sweep_delete: bool
     sweep_ttl_s: float
-    sweep_scan_count: int
+    sweep_scan_count: int | None  # None: the sweep's batch size
     sweep_batch_size: int
     sweep_pause_s: float
     sweep_lock_ttl_s: float
@@ -321,6 +321,7 @@ class Settings:
         ordered = transport.get("result_chord_ordered", conf.get("result_chord_ordered", True))
         expires_default = expires if expires else 86400.0
         sweep_ttl = own("perkey_sweep_ttl")
+        scan_count = own("perkey_sweep_scan_count")
         textfile = own("perkey_prometheus_textfile")
         port = own("perkey_prometheus_port")
         if textfile or port:
@@ -359,9 +360,9 @@ class Settings:
             sweep_ttl_s=parse_duration(sweep_ttl, "perkey_sweep_ttl")
             if sweep_ttl
             else expires_default,
-            sweep_scan_count=parse_count(
-                own("perkey_sweep_scan_count"), "perkey_sweep_scan_count", 1
-            ),
+            sweep_scan_count=None
+            if scan_count is None
+            else parse_count(scan_count, "perkey_sweep_scan_count", 1),
             sweep_batch_size=parse_count(
                 own("perkey_sweep_batch_size"), "perkey_sweep_batch_size", 1
             ),

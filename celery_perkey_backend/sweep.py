@@ -80,7 +80,9 @@ class SweepOptions:
     dry_run:
         Decide everything, change nothing, and list what would be done.
     scan_count:
-        SCAN's COUNT hint.
+        SCAN's COUNT hint; by default the batch size. A page is fetched in the same round
+        trip as a batch, so a COUNT far above the batch size makes that step hold the
+        server longer.
     batch_size:
         Keys inspected (and fixed) per script call.
     pause:
@@ -128,6 +130,8 @@ class SweepOptions:
             name: default if overrides.get(name) is None else read(overrides[name], name)
             for name, (read, default) in readers.items()
         }
+        if values["scan_count"] is None:  # no COUNT set: the batch size, as overridden
+            values["scan_count"] = values["batch_size"]
         return cls(**values)
 
 

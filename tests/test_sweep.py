@@ -232,6 +232,11 @@ def test_settings_drive_the_sweep(make_app: Any) -> None:
         7,
     )
     assert app.backend.sweep_options(max_age=5, dry_run=True).max_age == 5.0
+    # SCAN's COUNT follows the batch size unless it is set.
+    assert app.backend.sweep_options().scan_count == 7
+    assert app.backend.sweep_options(batch_size=50).scan_count == 50
+    assert app.backend.sweep_options(scan_count=30).scan_count == 30
+    assert make_app(perkey_sweep_scan_count=40).backend.sweep_options().scan_count == 40
     with pytest.raises(ConfigurationError, match="bogus"):
         app.backend.sweep_options(bogus=1)
     with pytest.raises(ConfigurationError, match="max_age"):
