@@ -98,8 +98,8 @@ def _child(bench: Bench, side: str) -> dict[str, Any]:
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.parsers", "--port", str(bench.port),
              "--sizes", sizes, "--out", str(out), "--figures", ",".join(figures)],
-            # Not from ROOT: ``-m`` puts the working directory first on sys.path, ahead of
-            # PYTHONPATH, and the baseline's package must come first.
+            # Not from ROOT: ``-m`` puts the working directory first on the import path,
+            # ahead of PYTHONPATH, and the baseline's package must come first.
             cwd=tmp, env=env, capture_output=True, text=True, timeout=CHILD_LIMIT,
         )  # fmt: skip
         if proc.returncode != 0:
