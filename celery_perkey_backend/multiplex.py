@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import BackendUnavailableError, PerkeyError, ServerFullError
+from .keys import parse_ready
 from .store import Note, Probe, Record, ResultStore, parse_note
 
 __all__ = [
@@ -98,6 +99,8 @@ class Watch:
     early: list[Record] = field(default_factory=list)
     #: A read-once wait whose registration found the result: it starts with the take.
     taking: bool = False
+    #: When the state it has last was written (server ms; ``None``: unknown).
+    shown_ms: int | None = None
 
     def push(self, item: Item) -> None:
         self.items.append(item)
@@ -230,6 +233,7 @@ class Multiplexer:
         """Start a wait with its task's state at registration, then what came since."""
         watch.started = True
         watch.shown = None if record is None else record.payload
+        watch.shown_ms = _written(record)
         watch.push(Initial(record))
         early, watch.early = watch.early, []
         for later in early:
@@ -237,11 +241,17 @@ class Multiplexer:
 
     @staticmethod
     def _pass(watch: Watch, record: Record) -> None:
-        """Hand a state on, unless it is not new to the wait or not for it."""
+        """Hand a state on, unless it is not new to the wait, older than what it has
+        (a check's read overtaken by a notification), or not for it."""
         if not watch.started:
             watch.early.append(record)  # its registration's reply is still on its way
-        elif record.payload != watch.shown and (watch.progress or record.kind != "progress"):
+            return
+        written = _written(record)
+        older = written is not None and watch.shown_ms is not None and written < watch.shown_ms
+        wanted = watch.progress or record.kind != "progress"
+        if record.payload != watch.shown and wanted and not older:
             watch.shown = record.payload
+            watch.shown_ms = written
             watch.push(record)
 
     def _fail(self, error: BaseException) -> None:
@@ -377,8 +387,10 @@ class Multiplexer:
             for task_id, probe in probes.items():
                 self._show(task_id, probe, initial=True)
 
-    def _show(self, task_id: str, probe: Probe, initial: bool = False) -> None:
-        record = probe.ready or probe.state or probe.fallback
+    def _show(self, task_id: str, probe: Probe, initial: bool = False, states: bool = True) -> None:
+        """Hand on what a registration or a check read: the result, else (with
+        ``states``) the intermediate state or the fallback key's value."""
+        record = probe.ready or (probe.state or probe.fallback if states else None)
         if probe.ready is None and probe.fallback is not None:
             # A redis:// worker has it (a switch in progress): it sends no notification.
             with self._lock:
@@ -424,10 +436,24 @@ class Multiplexer:
             self._next_check = now + CHECK_INTERVAL
         for start in range(0, len(ids), BATCH):
             for task_id, probe in self.store.probe(ids[start : start + BATCH], self.inbox).items():
-                self._show(task_id, probe)
+                # A registered task's states come as notifications, in order: a check
+                # hands on only a result, or the states of tasks it must poll.
+                with self._lock:
+                    polled = task_id in self._polled
+                self._show(task_id, probe, states=polled or not probe.registered)
                 if every and not probe.registered and probe.ready is None:
                     # An inbox deleted, a restart, a failover, a server that was full.
                     self._want(self._to_register, task_id)
+
+
+def _written(record: Record | None) -> int | None:
+    """When a stored state was written (server ms), from its header; ``None`` if unknown."""
+    if record is None or record.kind == "fallback":
+        return None
+    try:
+        return parse_ready(record.payload).written_ms
+    except ValueError:
+        return None
 
 
 _full_warned = threading.Event()
