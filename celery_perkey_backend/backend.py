@@ -244,7 +244,11 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             raise CorruptResultError(record.task_id, record.key, reason) from exc
 
     def final(self, record: Record) -> Meta | None:
-        """The meta of a ready result; ``None`` for a fallback key's unready state."""
+        """The meta of a ready result; ``None`` for an intermediate state (a multiplexed
+        wait that begins while the task runs is handed its STARTED or PROGRESS first)
+        and for a fallback key's unready state."""
+        if record.kind == "progress":
+            return None
         meta = self.decode_record(record)
         if record.kind == "fallback" and meta["status"] not in states.READY_STATES:
             return None
