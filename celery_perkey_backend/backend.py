@@ -244,8 +244,9 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             raise CorruptResultError(record.task_id, record.key, reason) from exc
 
     def final(self, record: Record) -> Meta | None:
-        """The meta of a ready result; ``None`` for an intermediate state (also one a
-        fallback key holds)."""
+        """The meta of a ready result; ``None`` for an intermediate state (a multiplexed
+        wait that begins while the task runs is handed its STARTED or PROGRESS first)
+        and for a fallback key's unready state."""
         if record.kind == "progress":
             return None
         meta = self.decode_record(record)

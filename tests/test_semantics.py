@@ -50,15 +50,18 @@ class ParentFailed(Exception):
 
 
 def _waiting_on(app: Any, r: redis.Redis, task_id: str) -> bool:
-    """Whether a wait on ``task_id`` has begun: blocked on its list, or (through the
-    multiplexer) registered for it."""
-    blocked = any(c["cmd"] in ("blmove", "brpoplpush") for c in r.client_list())
-    return blocked or bool(r.exists(app.backend.layout.watchers(task_id)))
+    """Whether a wait on ``task_id`` has begun: a client blocked on a result list (the
+    only list waited on here), or the process's inbox registered for the task (a
+    multiplexed wait; the multiplexer's own reader blocks on its inbox even between
+    waits, so a blocked client alone says nothing)."""
+    blocked = r.client_list()
+    lists = any("b" in c["flags"] and c["cmd"] in ("blmove", "brpoplpush") for c in blocked)
+    return lists or bool(r.exists(app.backend.layout.watchers(task_id)))
 
 
 def _store_once_waiting(app: Any, r: redis.Redis, task_id: str, stored: threading.Event) -> None:
     def run() -> None:
-        wait_until(lambda: _waiting_on(app, r, task_id), f"a wait on {task_id} began")
+        wait_until(lambda: _waiting_on(app, r, task_id), f"a wait on {task_id} has begun")
         stored.set()  # before the store: the step that sees it always finds it set
         app.backend.store_result(task_id, "late", states.SUCCESS)
 
