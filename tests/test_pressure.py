@@ -12,7 +12,7 @@ import redis
 from celery import states
 from celery.exceptions import TimeoutError
 
-from celery_perkey_backend import StoreCommandError
+from celery_perkey_backend import StoreCommandError, connection
 from celery_perkey_backend.testing import EmbeddedServer
 
 from .conftest import command_calls, wait_for_blocked_clients, wait_until
@@ -161,3 +161,44 @@ def test_a_store_queues_for_a_full_pool(make_app: Any, r: redis.Redis) -> None:
 def _quietly(app: Any, task_id: str, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         app.AsyncResult(task_id).get(timeout=timeout)
+
+
+# -- after a burst ---------------------------------------------------------------------
+
+
+def test_a_burst_of_waits_leaves_no_crowd_of_connections(
+    make_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py keeps every idle connection for good; after a quiet spell the pool closes
+    those above the floor, so 60 waits at once do not cost 60 clients for life."""
+    monkeypatch.setattr(connection, "TRIM_AFTER", 0.3)
+    with EmbeddedServer() as srv:
+        client = redis.Redis(port=srv.port)
+        url = f"perkey://127.0.0.1:{srv.port}/0"
+        app = make_app(backend=url, perkey_multiplex=False, redis_client_name="burst")
+        workers = make_app(backend=url)
+
+        def ours() -> int:
+            return len([c for c in client.client_list() if c["name"] == "burst"])
+
+        outcome: dict[int, Any] = {}
+        threads = [
+            threading.Thread(
+                target=lambda i=i: outcome.__setitem__(i, app.AsyncResult(f"t{i}").get(timeout=30))
+            )
+            for i in range(60)
+        ]
+        for thread in threads:
+            thread.start()
+        wait_for_blocked_clients(client, 60)
+        assert ours() >= 60
+        for i in range(60):
+            workers.backend.store_result(f"t{i}", i, states.SUCCESS)
+        for thread in threads:
+            thread.join(30)
+        assert outcome == {i: i for i in range(60)}
+        wait_until(lambda: ours() <= connection.TRIM_FLOOR, "the idle connections closed")
+        # Closed, not lost: the pool reconnects as it needs.
+        workers.backend.store_result("after", "fine", states.SUCCESS)
+        assert app.AsyncResult("after").get(timeout=5) == "fine"
+        client.close()
