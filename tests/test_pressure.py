@@ -133,29 +133,35 @@ def test_waits_queue_for_a_full_pool(make_app: Any, r: redis.Redis) -> None:
     assert len([c for c in r.client_list() if c["name"] == "pool-of-ten"]) <= 10
 
 
-def test_a_deadline_passing_in_the_queue_names_the_pool(make_app: Any, r: redis.Redis) -> None:
-    app = make_app(redis_max_connections=2)
-    holders = [threading.Thread(target=_quietly, args=(app, f"held{i}", 5)) for i in range(2)]
+@contextlib.contextmanager
+def _pool_held(app: Any, r: redis.Redis, count: int, seconds: float) -> Iterator[None]:
+    """``count`` waits that hold a connection each, blocked for ``seconds``."""
+    holders = [
+        threading.Thread(target=_quietly, args=(app, f"held{i}", seconds)) for i in range(count)
+    ]
     for thread in holders:
         thread.start()
-    wait_for_blocked_clients(r, 2)
-    with pytest.raises(TimeoutError, match=r"redis_max_connections=2"):
-        app.AsyncResult("t1").get(timeout=0.5)
+    wait_for_blocked_clients(r, count)
+    yield
     for thread in holders:
         thread.join(30)
+
+
+def test_a_deadline_passing_in_the_queue_names_the_pool(make_app: Any, r: redis.Redis) -> None:
+    app = make_app(redis_max_connections=2)
+    with (
+        _pool_held(app, r, 2, 1.5),
+        pytest.raises(TimeoutError, match=r"redis_max_connections=2"),
+    ):
+        app.AsyncResult("t1").get(timeout=0.5)
 
 
 def test_a_store_queues_for_a_full_pool(make_app: Any, r: redis.Redis) -> None:
     app = make_app(redis_max_connections=2)
-    holders = [threading.Thread(target=_quietly, args=(app, f"held{i}", 1.5)) for i in range(2)]
-    for thread in holders:
-        thread.start()
-    wait_for_blocked_clients(r, 2)
-    # Both connections block for 1.5 s; the store waits for one instead of failing.
-    app.backend.store_result("t1", "queued", states.SUCCESS)
+    with _pool_held(app, r, 2, 1.5):
+        # Both connections block for 1.5 s; the store waits for one instead of failing.
+        app.backend.store_result("t1", "queued", states.SUCCESS)
     assert r.exists(app.backend.layout.result("t1"))
-    for thread in holders:
-        thread.join(30)
 
 
 def _quietly(app: Any, task_id: str, timeout: float) -> None:
