@@ -44,21 +44,26 @@ def test_more_gevent_waits_than_the_server_takes_clients(make_app: Any) -> None:
             [sys.executable, "-c", _GREENLETS, url, str(WAITS)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        app = make_app(backend=url)
-        layout = app.backend.layout
-        # Every wait has registered: then none can miss its result.
-        wait_until(
-            lambda: (
-                all(client.exists(layout.watchers(f"t{i}")) for i in range(0, WAITS, 97))
-                and client.exists(layout.watchers(f"t{WAITS - 1}"))
-            ),
-            "the greenlets wait",
-            120,
-        )
-        held = [c for c in client.client_list() if c["name"] == "green"]
-        for i in range(WAITS):
-            app.backend.store_result(f"t{i}", i, states.SUCCESS)
-        out, err = green.communicate(timeout=180)
+        try:
+            app = make_app(backend=url)
+            layout = app.backend.layout
+            # Every wait has registered: then none can miss its result.
+            wait_until(
+                lambda: (
+                    all(client.exists(layout.watchers(f"t{i}")) for i in range(0, WAITS, 97))
+                    and client.exists(layout.watchers(f"t{WAITS - 1}"))
+                ),
+                "the greenlets wait",
+                120,
+            )
+            held = [c for c in client.client_list() if c["name"] == "green"]
+            for i in range(WAITS):
+                app.backend.store_result(f"t{i}", i, states.SUCCESS)
+            out, err = green.communicate(timeout=180)
+        finally:
+            if green.poll() is None:
+                green.kill()
+                green.communicate()
         assert green.returncode == 0, err[-3000:]
         answered, failed, _ = out.split(" ", 2)
         assert (int(answered), int(failed)) == (WAITS, 0), out
