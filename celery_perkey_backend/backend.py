@@ -95,7 +95,8 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         return self.store.client
 
     def as_uri(self, include_password: bool = False) -> str:
-        url = self.url or self.settings.redis_url
+        """The URL as configured (``perkey+rediss://…``), password masked unless asked."""
+        url = self.settings.url
         return url if include_password else mask_url(url)
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigurationError
-from .urls import CERT_REQS, to_redis_url
+from .urls import CERT_REQS, display_url, to_redis_url
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
@@ -233,7 +233,8 @@ class Settings:
 
     Build it with :meth:`from_conf`; every field is final. Durations are seconds
     (``_s``) or milliseconds (``_ms``) as their names say; an expiry of ``None`` means
-    no TTL.
+    no TTL. ``url`` is the backend URL as the user wrote it (``perkey+rediss://…``),
+    the one every message names (masked); ``redis_url`` is what redis-py connects to.
     """
 
     url: str
@@ -302,7 +303,8 @@ class Settings:
             value = conf.get(name)
             return PERKEY_DEFAULTS[name] if value is None else value
 
-        redis_url = to_redis_url(url)
+        shown = display_url(conf.get("result_backend"), url)
+        redis_url = to_redis_url(url, shown)
         transport = conf.get("result_backend_transport_options") or {}
         if not isinstance(transport, Mapping):
             raise _bad("result_backend_transport_options", transport, "a dict")
@@ -329,7 +331,7 @@ class Settings:
             )
         connection, socket_timeout = _connection_options(conf)
         return cls(
-            url=url or redis_url,
+            url=shown,
             redis_url=redis_url,
             key_prefix=key_prefix,
             legacy_prefix=global_prefix + "celery-task-meta-",
