@@ -163,6 +163,8 @@ class Waiter:
         pkey = store.layout.progress(task_id)
         last = b"0-0"
         first = True
+        news = False
+        handed: bytes | None = None  # the fallback value last handed to on_message
         while True:
             ready, entries = store.watch(task_id, last, ttl_ms)
             if ready is not None and consume:
@@ -176,14 +178,18 @@ class Waiter:
                 last = entry_id
                 if payload:
                     metas.append(decode(Record(task_id, pkey, payload, "progress")))
+            # At first, and after a block that ended empty: a redis:// worker writes
+            # nowhere a block would notice (during a switch).
+            fallback = None if news else store.read_fallback(task_id)
+            if fallback is not None and fallback.payload != handed:
+                handed = fallback.payload
+                meta = decode(fallback)
+                if meta["status"] in states.READY_STATES:
+                    on_message(meta)
+                    return meta
+                metas.append(meta)
             if first:
                 first = False
-                fallback = store.read_fallback(task_id)
-                if fallback is not None:
-                    meta = decode(fallback)
-                    if meta["status"] in states.READY_STATES:
-                        on_message(meta)
-                        return meta
                 metas = metas[-1:] or [{"status": states.PENDING, "result": None}]
             for meta in metas:
                 on_message(meta)

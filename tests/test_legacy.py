@@ -81,3 +81,19 @@ def test_garbage_in_our_key_names_task_and_key(app: Any, r: redis.Redis) -> None
     assert info.value.key == key
     app.backend.store_result("t2", 2, states.SUCCESS)
     assert app.AsyncResult("t2").get(timeout=1) == 2
+
+
+def test_on_message_sees_a_legacy_result_written_during_the_wait(
+    old_app: Any, make_app: Any
+) -> None:
+    app = make_app(redis_socket_timeout=0.5)
+    old_app.backend.store_result("t1", {"step": 1}, "PROGRESS")
+
+    def later() -> None:
+        time.sleep(0.5)
+        old_app.backend.store_result("t1", "old worker", states.SUCCESS)
+
+    threading.Thread(target=later, daemon=True).start()
+    seen: list[Any] = []
+    assert app.AsyncResult("t1").get(timeout=10, on_message=seen.append) == "old worker"
+    assert [m["status"] for m in seen] == ["PROGRESS", states.SUCCESS]
