@@ -64,12 +64,25 @@ def perkey() -> None:
     """Inspect and sweep the perkey result backend's keys."""
 
 
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Check a duration option at once (exit 2), naming the option once."""
+    if value is not None:
+        try:
+            parse_duration(value, param.name or "duration")
+        except PerkeyError:
+            raise click.BadParameter(
+                f"{value!r} is not a duration: use seconds, or e.g. 90s, 30m, 2h, 1d, 1w"
+            ) from None
+    return value
+
+
 @perkey.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--sample-limit", default=100_000, show_default=True, help="Keys examined at most.")
+@click.option("--verbose", "-v", is_flag=True, help="Name the keys of an unexpected type.")
 @click.pass_context
 @_guard
-def stats(ctx: click.Context, as_json: bool, sample_limit: int) -> None:
+def stats(ctx: click.Context, as_json: bool, sample_limit: int, verbose: bool) -> None:
     """Count result keys by kind and remaining TTL."""
     figures = collect_stats(_backend(ctx), sample_limit=sample_limit)
     if as_json:
@@ -79,26 +92,40 @@ def stats(ctx: click.Context, as_json: bool, sample_limit: int) -> None:
     rows += [(f"ttl {name}", str(figures.ttl_histogram[name])) for name, _ in TTL_BUCKETS]
     age = figures.oldest_no_ttl_age
     rows += [
-        ("no ttl", str(figures.no_ttl)),
+        ("without ttl (the sweep fixes these)", str(figures.no_ttl)),
         ("oldest without ttl", "-" if age is None else f"{age:.0f}s"),
-        ("unexpected type", str(figures.unexpected_type)),
+        ("unexpected type (never touched)", str(figures.unexpected_type)),
         (
             "bytes per key (sampled)",
-            "-" if figures.bytes_per_key is None else f"{figures.bytes_per_key:.0f}",
+            "-" if figures.bytes_per_key is None else _human_bytes(figures.bytes_per_key),
         ),
         ("our keys", str(figures.our_keys)),
         ("keys in database", str(figures.db_keys)),
-        ("used memory", str(figures.used_memory)),
+        ("used memory", _human_bytes(figures.used_memory)),
     ]
     _table(rows)
     if figures.sampled:
         click.echo(f"(estimated from a sample of {figures.examined} keys)")
+    if verbose and figures.unexpected_keys:
+        more = figures.unexpected_type - len(figures.unexpected_keys)
+        click.echo(
+            "keys of an unexpected type"
+            + (f" (first {len(figures.unexpected_keys)})" if more > 0 else "")
+            + ":"
+        )
+        for key in figures.unexpected_keys:
+            click.echo(f"  {_safe(key)}")
 
 
 @perkey.command(name="sweep")
 @click.option("--dry-run", is_flag=True, help="Report what would be done; change nothing.")
 @click.option("--delete", is_flag=True, help="Unlink keys past --max-age instead.")
-@click.option("--max-age", default=None, help="Age past which a key is too old, e.g. 1d, 6h.")
+@click.option(
+    "--max-age",
+    default=None,
+    callback=_duration,
+    help="Age past which a key is too old, e.g. 1d, 6h.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 @_guard
@@ -107,11 +134,6 @@ def sweep_command(
 ) -> None:
     """Find result keys without a TTL, too old, or left over, and fix them."""
     backend = _backend(ctx)
-    if max_age is not None:
-        try:
-            parse_duration(max_age, "--max-age")
-        except PerkeyError as exc:
-            raise click.BadParameter(str(exc), param_hint="--max-age") from None
     total = backend.store.dbsize()
     options = {"dry_run": dry_run, "delete": delete or None, "max_age": max_age}
     if total > PROGRESS_THRESHOLD and not as_json:
@@ -183,6 +205,16 @@ def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
             click.echo(f"    raw: {entry['raw']}")
     if not report["keys"]:
         sys.exit(EXIT_NOT_FOUND)
+
+
+def _human_bytes(size: float) -> str:
+    """``1536`` as ``1.5 KiB``: sizes an operator reads at a glance."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    step = 0
+    while size >= 1024 and step < len(units) - 1:
+        size /= 1024
+        step += 1
+    return f"{size:.0f} B" if step == 0 else f"{size:.1f} {units[step]}"
 
 
 def _safe(raw: Any, limit: int = 200) -> str:

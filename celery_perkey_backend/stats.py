@@ -1,9 +1,14 @@
 """Key metrics: what is in the keyspace.
 
 :func:`collect_stats` counts our keys by kind, histograms their remaining TTLs, finds
-keys with no TTL and the oldest of them, and weighs a sample with MEMORY USAGE. On a
-large keyspace it samples: it examines the first ``sample_limit`` keys SCAN returns
-(hash order, so close to random) and scales the counts up, and says so.
+keys with no TTL and the oldest of them, names keys of a type we never write, and
+weighs a sample with MEMORY USAGE. On a large keyspace it samples: it examines the first
+``sample_limit`` keys SCAN returns (hash order, so close to random) and scales the counts
+up, and says so.
+
+Each key of ours is in exactly one of: a TTL bucket, ``no_ttl``, ``unexpected_type``.
+``no_ttl`` is what the sweep gives a TTL (its classes no_ttl, and too_old or leftover
+keys without one); keys of an unexpected type it never touches.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from .keys import KIND_NAMES
 from .store import ResultStore
 from .sweep import HasStore, key_batches, store_of
 
-__all__ = ["TTL_BUCKETS", "KeyStats", "collect_stats"]
+__all__ = ["TTL_BUCKETS", "UNEXPECTED_LISTED", "KeyStats", "collect_stats"]
+
+#: How many names of keys of an unexpected type ``stats()`` lists (all are counted).
+UNEXPECTED_LISTED = 20
 
 #: Upper bounds (seconds) of the remaining-TTL histogram; the last bucket is open.
 TTL_BUCKETS: tuple[tuple[str, float], ...] = (
@@ -39,6 +47,7 @@ class KeyStats:
     no_ttl: int = 0
     oldest_no_ttl_age: float | None = None
     unexpected_type: int = 0
+    unexpected_keys: list[str] = field(default_factory=list)
     bytes_per_key: float | None = None
     our_keys: int = 0
     db_keys: int = 0
@@ -97,13 +106,15 @@ def collect_stats(
         ]
         weigh = ours[: max(0, memory_samples - len(weights))]
         replies, sizes = store.run_scripts(node, scripts.STATS_BATCH, calls, "stats", weigh)
-        for seen, counts, no_ttl, oldest, unexpected in replies:
+        for part, (seen, counts, no_ttl, oldest, unexpected) in zip(batches, replies, strict=True):
             for pair in seen:
                 code, _, count = pair.decode().partition("=")
                 kinds[KIND_NAMES[code]] += int(count)
             buckets = [a + int(b) for a, b in zip(buckets, counts, strict=True)]
             stats.no_ttl += int(no_ttl)
-            stats.unexpected_type += int(unexpected)
+            stats.unexpected_type += len(unexpected)
+            room = UNEXPECTED_LISTED - len(stats.unexpected_keys)
+            stats.unexpected_keys += [ours[part.indexes[int(n) - 1]] for n in unexpected[:room]]
             if int(oldest) >= 0 and (oldest_ms < 0 or int(oldest) < oldest_ms):
                 oldest_ms = int(oldest)
         weights.extend(sizes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,30 @@ def test_sweep_delete_with_max_age(app: Any, r: redis.Redis) -> None:
 def test_bad_max_age_is_a_usage_error(app: Any, r: redis.Redis) -> None:
     done = run(app, "sweep", "--max-age", "soon")
     assert done.exit_code == 2
-    assert "--max-age" in done.stderr
+    assert "Invalid value for '--max-age': 'soon' is not a duration" in done.stderr
+    assert done.stderr.count("max-age") == 1
+
+
+def test_stats_and_sweep_agree_on_keys_without_a_ttl(make_app: Any, r: redis.Redis) -> None:
+    app = make_app()
+    app.conf.result_expires = None
+    for i in range(5):
+        app.backend.store_result(f"t{i}", i, states.SUCCESS)
+    for i in range(25):  # keys under our prefix of a type we never write
+        r.set(app.backend.layout.result(f"odd{i:02}"), "a string")
+    table = run(app, "stats").stdout
+    assert "without ttl (the sweep fixes these)  5" in table
+    assert "unexpected type (never touched)      25" in table
+    assert "odd" not in table
+    assert re.search(r"used memory\s+\d+\.\d (KiB|MiB|GiB)", table)
+    verbose = run(app, "stats", "--verbose").stdout
+    listed = [line.strip() for line in verbose.splitlines() if "odd" in line]
+    assert len(listed) == 20
+    assert "keys of an unexpected type (first 20):" in verbose
+    swept = json.loads(run(app, "sweep", "--json").stdout)
+    assert swept["ttl_set"] == 5
+    assert swept["by_class"]["unexpected"] == 25
+    assert json.loads(run(app, "stats", "--json").stdout)["no_ttl"] == 0
 
 
 def test_sweep_skipped_by_the_lock_exits_5(app: Any, r: redis.Redis) -> None:
