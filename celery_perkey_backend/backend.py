@@ -17,11 +17,13 @@ import redis
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import BackendStoreError, TimeoutError
+from celery.result import result_from_tuple
 
 from .chords import ChordCoordinator
 from .deadline import Deadline
 from .errors import BackendUnavailableError, CorruptResultError
 from .keys import READY_LETTERS, KeyLayout, parse_ready
+from .legacy import fallbacks
 from .prometheus import publish
 from .settings import Settings
 from .stats import KeyStats, collect_stats
@@ -75,8 +77,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         # are on); Celery's own loop around it only turns the last error into its own.
         self.max_retries = 0
         self.url = url
-        layout = KeyLayout(settings.key_prefix, settings.legacy_prefix)
-        self.store = ResultStore(settings, layout.legacy if settings.legacy_fallback else None)
+        self.store = ResultStore(settings, *fallbacks(settings))
         self.waiter = Waiter(self.store)
         self.chords = ChordCoordinator(self.store, self)
         # Results this thread's callers hold but have not collected yet (a GroupResult
@@ -95,7 +96,6 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         return self.store.client
 
     def as_uri(self, include_password: bool = False) -> str:
-        """The URL as configured (``perkey+rediss://…``), password masked unless asked."""
         url = self.settings.url
         return url if include_password else mask_url(url)
 
@@ -154,6 +154,16 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
     def delete(self, key: str) -> None:
         self.store.delete(key)
+
+    def _restore_group(self, group_id: str) -> Meta | None:
+        raw = self.store.read_group(str(group_id))  # ours, else one that redis:// saved
+        meta: Meta | None = None if raw is None else self.decode(raw)
+        if meta is not None:
+            meta["result"] = result_from_tuple(meta["result"], self.app)
+        return meta
+
+    def _delete_group(self, group_id: str) -> None:
+        self.store.forget_group(str(group_id))
 
     # -- storing ----------------------------------------------------------------------
 

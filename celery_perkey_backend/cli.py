@@ -3,7 +3,8 @@
 
 Exit codes: 0 done; 1 ``inspect`` found nothing; 2 usage error; 3 the server cannot be
 reached or refused a command; 4 the app does not use this backend; 5 ``sweep`` skipped
-because another sweep holds the lock.
+because another sweep holds the lock; 6 ``migrate --check``: keys of ``redis://`` are
+still in flight.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 import click
 
 from .errors import PerkeyError
-from .keys import parse_ready
+from .keys import LEGACY_KINDS, parse_ready
+from .legacy import LegacySurvey, expire_legacy, survey
 from .settings import parse_duration
 from .stats import TTL_BUCKETS, collect_stats
 from .store import Record
@@ -28,6 +30,7 @@ EXIT_NOT_FOUND = 1
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_PERKEY = 4
 EXIT_LOCKED = 5
+EXIT_IN_FLIGHT = 6
 
 #: Above this many keys in the database, ``sweep`` shows a progress bar.
 PROGRESS_THRESHOLD = 10_000
@@ -103,6 +106,9 @@ def stats(ctx: click.Context, as_json: bool, sample_limit: int, verbose: bool) -
         ("keys in database", str(figures.db_keys)),
         ("used memory", _human_bytes(figures.used_memory)),
     ]
+    for kind in LEGACY_KINDS:
+        count, bare = figures.legacy_keys.get(kind, 0), figures.legacy_without_ttl.get(kind, 0)
+        rows.append((f"redis:// {kind} keys", f"{count} ({bare} without ttl)"))
     _table(rows)
     if figures.sampled:
         click.echo(f"(estimated from a sample of {figures.examined} keys)")
@@ -205,6 +211,70 @@ def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
             click.echo(f"    raw: {entry['raw']}")
     if not report["keys"]:
         sys.exit(EXIT_NOT_FOUND)
+
+
+@perkey.command()
+@click.option("--check", is_flag=True, help="Exit 6 while keys of redis:// are in flight.")
+@click.option(
+    "--expire-legacy",
+    "ttl",
+    default=None,
+    callback=_duration,
+    help="First give keys of redis:// that have no TTL this one, e.g. 1d.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@_guard
+def migrate(ctx: click.Context, check: bool, ttl: str | None, as_json: bool) -> None:
+    """Say whether the switch from redis:// is done: whether any result or saved group
+    that redis:// wrote is left, which perkey_legacy_fallback still has to read."""
+    backend = _backend(ctx)
+    given = None
+    if ttl is not None:
+        given = expire_legacy(backend.store, parse_duration(ttl, "--expire-legacy"))
+    report = survey(backend.store, backend.decode_record)
+    if as_json:
+        click.echo(json.dumps({**report.as_dict(), "ttl_given": given}, indent=2))
+    else:
+        if given is not None:
+            click.echo(f"gave {given} key(s) of redis:// a TTL of {ttl}")
+        last = report.last_expiry_s
+        _table(
+            [
+                ("redis:// results", str(report.results)),
+                ("  not ready yet", str(report.results_not_ready)),
+                ("  unreadable", str(report.results_unreadable)),
+                ("  without ttl", str(report.results_without_ttl)),
+                ("redis:// saved groups", str(report.groups)),
+                ("  without ttl", str(report.groups_without_ttl)),
+                ("redis:// chord keys (never read)", str(report.chord_keys)),
+                ("last one expires in", "-" if last is None else f"{last:.0f}s"),
+                ("perkey_legacy_fallback", "on" if report.fallback else "off"),
+            ]
+        )
+        click.echo(_verdict(report))
+    if check and report.in_flight:
+        sys.exit(EXIT_IN_FLIGHT)
+
+
+def _verdict(report: LegacySurvey) -> str:
+    if not report.in_flight:
+        return (
+            "done: no result or saved group of redis:// is left; "
+            "perkey_legacy_fallback can be turned off"
+        )
+    line = f"in flight: {report.in_flight} key(s) of redis:// left"
+    if report.fallback:
+        line += "; keep perkey_legacy_fallback on"
+    else:
+        line += "; perkey_legacy_fallback is OFF, so they read as PENDING"
+    if report.results_not_ready:
+        line += f"; {report.results_not_ready} task(s) still running on a redis:// worker"
+    if report.without_ttl:
+        line += f"; {report.without_ttl} never expire (give them a TTL: --expire-legacy 1d)"
+    elif report.last_expiry_s is not None:
+        line += f"; the last expires in {report.last_expiry_s:.0f}s"
+    return line
 
 
 def _human_bytes(size: float) -> str:

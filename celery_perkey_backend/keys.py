@@ -35,6 +35,8 @@ from typing import NamedTuple
 
 __all__ = [
     "KIND_NAMES",
+    "LEGACY_GROUP_PREFIX",
+    "LEGACY_KINDS",
     "LEGACY_TASK_PREFIX",
     "READY_LETTERS",
     "ChordKeys",
@@ -51,6 +53,15 @@ READY_LETTERS = {"SUCCESS": "S", "FAILURE": "F", "REVOKED": "R"}
 
 #: The legacy key that Celery's built-in Redis backend writes.
 LEGACY_TASK_PREFIX = "celery-task-meta-"
+
+#: Where Celery's built-in Redis backend saves a ``GroupResult``; its chord keys are
+#: this name with ``.j``, ``.s``, ``.t``, ``.d`` or ``.c`` after it.
+LEGACY_GROUP_PREFIX = "celery-taskset-meta-"
+
+#: The kinds of legacy key, as :meth:`KeyLayout.legacy_kind_of` names them.
+LEGACY_KINDS = ("task", "group", "chord")
+
+_LEGACY_CHORD_SUFFIXES = (".j", ".s", ".t", ".d", ".c")
 
 #: The kind of each key of ours, by the code :meth:`KeyLayout.kind_of` gives it.
 KIND_NAMES = {
@@ -102,10 +113,13 @@ class KeyLayout:
     legacy_prefix:
         The prefix under which Celery's built-in backend wrote results, including any
         ``global_keyprefix``; read only, to serve results in flight during a switch.
+    legacy_group_prefix:
+        The same for its saved groups (and, with a suffix, its chord keys).
     """
 
     prefix: str
     legacy_prefix: str = LEGACY_TASK_PREFIX
+    legacy_group_prefix: str = LEGACY_GROUP_PREFIX
 
     def result(self, task_id: str) -> str:
         return f"{self.prefix}r:{_tagged(task_id)}"
@@ -115,6 +129,18 @@ class KeyLayout:
 
     def legacy(self, task_id: str) -> str:
         return f"{self.legacy_prefix}{task_id}"
+
+    def legacy_group(self, group_id: str) -> str:
+        return f"{self.legacy_group_prefix}{group_id}"
+
+    def legacy_kind_of(self, name: str) -> str | None:
+        """``"task"``, ``"group"`` or ``"chord"`` for a key Celery's ``redis://`` backend
+        writes (below the same ``global_keyprefix``), ``None`` for any other key."""
+        if name.startswith(self.legacy_prefix):
+            return "task"
+        if name.startswith(self.legacy_group_prefix):
+            return "chord" if name.endswith(_LEGACY_CHORD_SUFFIXES) else "group"
+        return None
 
     def group(self, group_id: str) -> str:
         return f"{self.prefix}g:{_tagged(group_id)}"
@@ -214,11 +240,14 @@ ACL_COMMANDS = (
 def acl_rules(layout: KeyLayout) -> str:
     """The ``ACL SETUSER`` rules for a least-privilege backend user.
 
-    It may touch only our keys, plus the legacy ``celery-task-meta-*`` keys that reads
-    fall back to during a switch from ``redis://`` (drop that pattern when
-    ``perkey_legacy_fallback`` is off).
+    It may touch only our keys, plus the legacy ``celery-task-meta-*`` and
+    ``celery-taskset-meta-*`` keys that reads fall back to during a switch from
+    ``redis://`` (drop those patterns when ``perkey_legacy_fallback`` is off).
     """
-    patterns = f"~{glob_escape(layout.prefix)}* ~{glob_escape(layout.legacy_prefix)}*"
+    patterns = " ".join(
+        f"~{glob_escape(prefix)}*"
+        for prefix in (layout.prefix, layout.legacy_prefix, layout.legacy_group_prefix)
+    )
     return f"resetkeys {patterns} resetchannels -@all " + " ".join(
         f"+{command}" for command in ACL_COMMANDS
     )

@@ -24,6 +24,7 @@ __all__ = [
     "CHORD_DONE",
     "CHORD_PART",
     "CHORD_SIZE",
+    "EXPIRE_PERSISTENT",
     "LOCK_RELEASE",
     "LOCK_RENEW",
     "STATS_BATCH",
@@ -103,6 +104,7 @@ SWEEP_BATCH = Script.load("sweep_batch")
 STATS_BATCH = Script.load("stats_batch")
 LOCK_RELEASE = Script.load("lock_release")
 LOCK_RENEW = Script.load("lock_renew")
+EXPIRE_PERSISTENT = Script.load("expire_persistent")
 
 #: Every script, so that a server missing one (a promoted replica, a flushed script
 #: cache) gets them all loaded at once.
@@ -117,4 +119,5 @@ ALL = (
     STATS_BATCH,
     LOCK_RELEASE,
     LOCK_RENEW,
+    EXPIRE_PERSISTENT,
 )

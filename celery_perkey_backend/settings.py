@@ -241,6 +241,7 @@ class Settings:
     redis_url: str
     key_prefix: str
     legacy_prefix: str
+    legacy_group_prefix: str
     result_expires_s: float | None
     failure_expires_s: float | None
     chord_expires_s: float | None
@@ -335,6 +336,7 @@ class Settings:
             redis_url=redis_url,
             key_prefix=key_prefix,
             legacy_prefix=global_prefix + "celery-task-meta-",
+            legacy_group_prefix=global_prefix + "celery-taskset-meta-",
             result_expires_s=expires,
             failure_expires_s=expires
             if failure is None

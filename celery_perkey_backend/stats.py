@@ -1,10 +1,11 @@
 """Key metrics: what is in the keyspace.
 
 :func:`collect_stats` counts our keys by kind, histograms their remaining TTLs, finds
-keys with no TTL and the oldest of them, names keys of a type we never write, and
-weighs a sample with MEMORY USAGE. On a large keyspace it samples: it examines the first
-``sample_limit`` keys SCAN returns (hash order, so close to random) and scales the counts
-up, and says so.
+keys with no TTL and the oldest of them, names keys of a type we never write, counts
+the keys Celery's ``redis://`` backend left (during a switch), and weighs a sample with
+MEMORY USAGE. On a large keyspace it samples: it examines the first ``sample_limit``
+keys SCAN returns (hash order, so close to random) and scales the counts up, and says
+so.
 
 Each key of ours is in exactly one of: a TTL bucket, ``no_ttl``, ``unexpected_type``.
 ``no_ttl`` is what the sweep gives a TTL (its classes no_ttl, and too_old or leftover
@@ -20,6 +21,7 @@ from typing import Any
 
 from . import scripts
 from .keys import KIND_NAMES
+from .legacy import LegacyCounts, count_legacy
 from .store import ResultStore
 from .sweep import HasStore, key_batches, store_of
 
@@ -48,6 +50,8 @@ class KeyStats:
     oldest_no_ttl_age: float | None = None
     unexpected_type: int = 0
     unexpected_keys: list[str] = field(default_factory=list)
+    legacy_keys: dict[str, int] = field(default_factory=dict)
+    legacy_without_ttl: dict[str, int] = field(default_factory=dict)
     bytes_per_key: float | None = None
     our_keys: int = 0
     db_keys: int = 0
@@ -90,11 +94,13 @@ def collect_stats(
     stats.used_memory = store.used_memory()
     now_ms = store.server_time_ms()
     stats.sampled = stats.db_keys > sample_limit
-    # When sampling, look at every key (no MATCH) so the share of ours is known.
-    pattern = "*" if stats.sampled else layout.match_all
-    for node, page in store.scan(pattern, 1000):
+    legacy = LegacyCounts()
+    # Every key (no MATCH), for ours and the legacy ones in one walk; when sampling, so
+    # that the share of ours is known too.
+    for node, page in store.scan("*", 1000):
         page = page[: max(0, sample_limit - stats.examined)]
         stats.examined += len(page)
+        count_legacy(store, node, page, legacy)
         ours = [k for k in page if k.startswith(layout.prefix)]
         batches = key_batches(store, ours)
         calls = [
@@ -127,6 +133,8 @@ def collect_stats(
     }
     stats.no_ttl = round(stats.no_ttl * scale)
     stats.unexpected_type = round(stats.unexpected_type * scale)
+    legacy = legacy.scaled(scale)
+    stats.legacy_keys, stats.legacy_without_ttl = legacy.keys, legacy.without_ttl
     stats.our_keys = sum(stats.by_kind.values())
     stats.oldest_no_ttl_age = max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms >= 0 else None
     stats.bytes_per_key = sum(weights) / len(weights) if weights else None

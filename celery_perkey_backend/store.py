@@ -8,7 +8,7 @@ backend all work through its public methods.
 
 An optional *fallback* is a read-only string key per task that every read also looks
 at, in the same round trip: results that Celery's ``redis://`` backend wrote, read
-during a switch (see :mod:`.legacy`).
+during a switch (see :mod:`.legacy`). A *group fallback* does the same for saved groups.
 """
 
 from __future__ import annotations
@@ -100,13 +100,23 @@ class ResultStore:
         The backend's settings: the server, the key prefix, retries, replicas.
     fallback:
         The name of a task's fallback key, or ``None`` for none.
+    group_fallback:
+        The name of a saved group's fallback key, or ``None`` for none.
     """
 
-    def __init__(self, settings: Settings, fallback: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        fallback: Callable[[str], str] | None = None,
+        group_fallback: Callable[[str], str] | None = None,
+    ) -> None:
         self.settings = settings
-        self.layout = KeyLayout(settings.key_prefix, settings.legacy_prefix)
+        self.layout = KeyLayout(
+            settings.key_prefix, settings.legacy_prefix, settings.legacy_group_prefix
+        )
         self.policy = RetryPolicy(settings.retry)
         self.fallback = fallback
+        self.group_fallback = group_fallback
         self._client: redis.Redis | None = None
         self._blmove = True
 
@@ -660,6 +670,61 @@ class ResultStore:
         if kind == "stream":
             return self.client.xrevrange(key, count=1)
         return f"<{kind}>"
+
+    # -- the switch from redis:// (saved groups, legacy keys; see legacy.py) ---------
+
+    def read_group(self, group_id: str) -> bytes | None:
+        """A saved group's value: ours, else the group fallback key's; one round trip."""
+        ours = self.layout.group(group_id)
+        other = self.group_fallback(group_id) if self.group_fallback is not None else None
+
+        def build(pipe: Any) -> None:
+            pipe.get(ours)
+            if other is not None:
+                pipe.get(other)
+
+        replies = self._pipeline(build, f"restore group {group_id!r}", ours)
+        value = replies[0] if replies[0] is not None else (replies[1] if other else None)
+        return cast("bytes | None", value)
+
+    def forget_group(self, group_id: str) -> None:
+        """Delete a saved group, its group fallback key included."""
+        doomed = [self.layout.group(group_id)]
+        if self.group_fallback is not None:
+            doomed.append(self.group_fallback(group_id))
+
+        def build(pipe: Any) -> None:
+            for key in doomed:  # one by one: the fallback key lives in another slot
+                pipe.delete(key)
+
+        self._pipeline(build, f"delete group {group_id!r}", doomed[0])
+
+    def peek(
+        self, node: redis.Redis, names: Sequence[str], values: bool = False
+    ) -> list[tuple[int, bytes | None]]:
+        """Each key's remaining TTL in ms (-1: none, -2: gone) and, with ``values``, its
+        string value, from ``node`` in one round trip."""
+
+        def build(pipe: Any) -> None:
+            for key in names:
+                pipe.pttl(key)
+                if values:
+                    pipe.get(key)
+
+        replies = self._pipeline(build, "read keys", None, raise_on_error=False, on=node)
+        step = 2 if values else 1
+        found = []
+        for i in range(len(names)):
+            value = replies[i * step + 1] if values else None
+            found.append((int(replies[i * step]), value if isinstance(value, bytes) else None))
+        return found
+
+    def give_ttl(self, node: redis.Redis, names: Sequence[str], ttl_ms: int) -> int:
+        """Give each of ``names`` that has no TTL this one, atomically per key, on ``node``
+        in one round trip. How many got one."""
+        calls = [scripts.EXPIRE_PERSISTENT.bind({"key": key}, {"ttl_ms": ttl_ms}) for key in names]
+        replies, _ = self.run_scripts(node, scripts.EXPIRE_PERSISTENT, calls, "give keys a TTL")
+        return sum(int(reply) for reply in replies)
 
 
 def _text(key: bytes | str) -> str:

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"scripts"},
     {"connection"},
     {"store"},
-    {"waiting", "chords", "sweep", "tasks"},
+    {"waiting", "chords", "sweep", "tasks", "legacy"},
     {"stats"},
     {"prometheus"},
     {"backend", "cli"},
