@@ -24,11 +24,11 @@ from .deadline import Deadline
 from .errors import BackendUnavailableError, CorruptResultError
 from .keys import READY_LETTERS, KeyLayout, parse_ready
 from .legacy import fallbacks
-from .prometheus import publish
+from .prometheus import sweep_and_publish
 from .settings import Settings
 from .stats import KeyStats, collect_stats
 from .store import Record, ResultStore
-from .sweep import SweepOptions, SweepSummary, sweep
+from .sweep import SweepOptions, SweepSummary
 from .tasks import register_sweep_task
 from .urls import mask_url
 from .waiting import Waiter
@@ -118,13 +118,11 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def run_sweep(
         self, progress: Callable[[int, int], None] | None = None, **options: Any
     ) -> SweepSummary:
-        """Sweep, then publish the figures if Prometheus export is configured.
+        """Sweep, then record it for Prometheus if export is configured.
 
         Every entry point uses this: :meth:`cleanup`, the sweep task and the CLI.
         """
-        summary = sweep(self.store, progress=progress, **options)
-        publish(self.store, summary)
-        return summary
+        return sweep_and_publish(self.store, progress, **options)
 
     def stats(self, sample_limit: int = 100_000) -> KeyStats:
         """Key metrics: counts by kind, TTL histogram, TTL-less keys, sampled sizes."""

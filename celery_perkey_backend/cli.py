@@ -1,10 +1,10 @@
 """``celery -A proj perkey …``: operator commands, added to Celery's own CLI through the
 ``celery.commands`` entry point.
 
-Exit codes: 0 done; 1 ``inspect`` found nothing; 2 usage error; 3 the server cannot be
-reached or refused a command; 4 the app does not use this backend; 5 ``sweep`` skipped
-because another sweep holds the lock; 6 ``migrate --check``: keys of ``redis://`` are
-still in flight.
+Exit codes: 0 done; 1 ``inspect`` found nothing; 2 usage error (or ``metrics`` without
+the ``prometheus`` extra); 3 the server cannot be reached or refused a command; 4 the app
+does not use this backend; 5 ``sweep`` skipped because another sweep holds the lock; 6
+``migrate --check``: keys of ``redis://`` are still in flight.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import click
 from .errors import PerkeyError
 from .keys import LEGACY_KINDS, parse_ready
 from .legacy import LegacySurvey, expire_legacy, survey
+from .prometheus import render, write_textfile
 from .settings import parse_duration
 from .stats import TTL_BUCKETS, collect_stats
 from .store import Record
@@ -255,6 +256,22 @@ def migrate(ctx: click.Context, check: bool, ttl: str | None, as_json: bool) -> 
         click.echo(_verdict(report))
     if check and report.in_flight:
         sys.exit(EXIT_IN_FLIGHT)
+
+
+@perkey.command()
+@click.option("--textfile", default=None, help="Write them to this file instead (node-exporter).")
+@click.pass_context
+@_guard
+def metrics(ctx: click.Context, textfile: str | None) -> None:
+    """Print the Prometheus metrics, as a scrape would see them now."""
+    store = _backend(ctx).store
+    try:
+        if textfile:
+            write_textfile(store, textfile)
+        else:
+            click.echo(render(store).decode(), nl=False)
+    except ImportError:
+        _fail("prometheus_client is missing: pip install 'celery-perkey-backend[prometheus]'", 2)
 
 
 def _verdict(report: LegacySurvey) -> str:

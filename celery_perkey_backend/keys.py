@@ -16,6 +16,7 @@ key               type         holds
 ``c:{<gid>}:d``   set          header results already counted (duplicate deliveries)
 ``c:{<gid>}:c``   string       the claim of the worker that publishes the body, then "done"
 ``lock:sweep``    string       the sweep lock
+``metrics``       hash         sweep counts and the last key metrics, for Prometheus
 ================  ===========  ==========================================================
 
 Everything one script or transaction touches shares a hash tag: a task's two keys
@@ -80,6 +81,7 @@ KIND_NAMES = {
 CHORD_DATA_PARTS = frozenset("jdt")
 
 _SWEEP_LOCK = "lock:sweep"
+_METRICS = "metrics"
 
 
 def _tagged(ident: str) -> str:
@@ -163,6 +165,11 @@ class KeyLayout:
         return self.prefix + _SWEEP_LOCK
 
     @property
+    def metrics(self) -> str:
+        """The hash that holds the sweep counts and key metrics Prometheus is shown."""
+        return self.prefix + _METRICS
+
+    @property
     def match_all(self) -> str:
         """A SCAN MATCH pattern for every key of ours and nothing else."""
         return glob_escape(self.prefix) + "*"
@@ -170,11 +177,11 @@ class KeyLayout:
     def kind_of(self, name: str) -> str | None:
         """The kind code of a key under our prefix (see :data:`KIND_NAMES`).
 
-        ``None`` for the sweep lock, which no sweep or count looks at, and ``"x"`` for
-        anything under the prefix that we never write.
+        ``None`` for the sweep lock and the metrics hash, which no sweep or count looks
+        at, and ``"x"`` for anything under the prefix that we never write.
         """
         rest = name[len(self.prefix) :]
-        if rest == _SWEEP_LOCK:
+        if rest in (_SWEEP_LOCK, _METRICS):
             return None
         code = rest[:1]
         if rest[1:3] != ":{":
@@ -232,8 +239,8 @@ ACL_COMMANDS = (
     "blmove", "brpoplpush", "brpop", "xadd", "xrange", "xrevrange", "xread",
     "xinfo|stream", "get", "set", "del", "unlink", "exists", "pexpire", "expire",
     "time", "incr", "sadd", "zadd", "zcard", "zrange", "type", "pttl",
-    # sweep and stats
-    "scan", "dbsize", "info", "memory|usage",
+    # sweep and stats, and the metrics hash
+    "scan", "dbsize", "info", "memory|usage", "hget", "hset", "hincrby", "hgetall",
 )  # fmt: skip
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "EXPIRE_PERSISTENT",
     "LOCK_RELEASE",
     "LOCK_RENEW",
+    "METRICS_RECORD",
     "STATS_BATCH",
     "STORE",
     "SWEEP_BATCH",
@@ -105,6 +106,7 @@ STATS_BATCH = Script.load("stats_batch")
 LOCK_RELEASE = Script.load("lock_release")
 LOCK_RENEW = Script.load("lock_renew")
 EXPIRE_PERSISTENT = Script.load("expire_persistent")
+METRICS_RECORD = Script.load("metrics_record")
 
 #: Every script, so that a server missing one (a promoted replica, a flushed script
 #: cache) gets them all loaded at once.
@@ -120,4 +122,5 @@ ALL = (
     LOCK_RELEASE,
     LOCK_RENEW,
     EXPIRE_PERSISTENT,
+    METRICS_RECORD,
 )

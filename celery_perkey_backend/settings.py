@@ -54,6 +54,7 @@ PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "perkey_sweep_memory_samples": 100,
         "perkey_prometheus_port": None,
         "perkey_prometheus_textfile": None,
+        "perkey_prometheus_refresh": 15.0,
     }
 )
 
@@ -263,6 +264,7 @@ class Settings:
     sweep_memory_samples: int
     prometheus_port: int | None
     prometheus_textfile: str | None
+    prometheus_refresh_s: float
     socket_timeout_s: float | None
     connection_options: Mapping[str, Any] = field(default_factory=dict)
     transport_options: Mapping[str, Any] = field(default_factory=dict)
@@ -378,6 +380,9 @@ class Settings:
             if port is None
             else parse_count(port, "perkey_prometheus_port", 1),
             prometheus_textfile=None if textfile is None else str(textfile),
+            prometheus_refresh_s=max(
+                0.1, parse_duration(own("perkey_prometheus_refresh"), "perkey_prometheus_refresh")
+            ),
             socket_timeout_s=socket_timeout,
             connection_options=MappingProxyType(connection),
             transport_options=MappingProxyType(dict(transport)),

@@ -726,6 +726,44 @@ class ResultStore:
         replies, _ = self.run_scripts(node, scripts.EXPIRE_PERSISTENT, calls, "give keys a TTL")
         return sum(int(reply) for reply in replies)
 
+    # -- metrics kept in Redis, for Prometheus (see prometheus.py) -------------------
+
+    def record_metrics(
+        self, changes: Sequence[tuple[str, str, int | str]], stats: bytes = b"", stats_ms: int = 0
+    ) -> None:
+        """Apply ``changes`` to the metrics hash in one atomic step: ``("+", field, n)``
+        adds to a counter, ``("=", field, value)`` sets a field. ``stats`` (measured at
+        server time ``stats_ms``) replaces the stored key metrics unless those are newer.
+        """
+        flat: list[Any] = [part for change in changes for part in change]
+        keys, args = scripts.METRICS_RECORD.bind(
+            {"metrics": self.layout.metrics},
+            {"stats_ms": stats_ms, "stats": stats, "changes": flat},
+        )
+        with self.errors("record metrics", self.layout.metrics):
+            self._eval(scripts.METRICS_RECORD, keys, args)
+
+    def read_metrics(self) -> dict[str, bytes]:
+        """Every field of the metrics hash."""
+        with self.errors("read metrics", self.layout.metrics):
+            fields = self.client.hgetall(self.layout.metrics)
+        return {_text(name): value for name, value in cast("dict[bytes, bytes]", fields).items()}
+
+    def server_clients(self) -> list[tuple[str, dict[str, int]]]:
+        """Each primary's address and client counts (``INFO clients``), read now."""
+        found = []
+        with self.errors("read client counts"):
+            for node in primaries(self.client):
+                where = node.connection_pool.connection_kwargs
+                name = where.get("path") or f"{where.get('host')}:{where.get('port')}"
+                info = node.info("clients")
+                found.append((str(name), {k: int(v) for k, v in info.items() if _whole(v)}))
+        return found
+
 
 def _text(key: bytes | str) -> str:
     return key if isinstance(key, str) else key.decode("utf-8", "surrogateescape")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -145,3 +145,16 @@ def test_an_app_without_perkey_exits_4(make_app: Any, server: Any) -> None:
     done = run(app, "stats")
     assert done.exit_code == 4
     assert "not perkey" in done.stderr
+
+
+def test_metrics_prints_or_writes_what_a_scrape_sees(
+    app: Any, r: redis.Redis, tmp_path: Path
+) -> None:
+    app.backend.store_result("t1", 1, states.SUCCESS)
+    printed = run(app, "metrics")
+    assert printed.exit_code == 0, printed.output
+    assert "perkey_up 1.0" in printed.stdout
+    assert "perkey_sweeps_total 0.0" in printed.stdout
+    target = tmp_path / "perkey.prom"
+    assert run(app, "metrics", "--textfile", str(target)).exit_code == 0
+    assert "perkey_up 1.0" in target.read_text()
