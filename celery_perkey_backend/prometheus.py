@@ -153,10 +153,22 @@ class _Collector:
             return
         yield GaugeMetricFamily("perkey_up", "1 if Redis answered", value=1)
         yield from _sweep_families(fields)
-        stats = json.loads(fields["stats"]) if "stats" in fields else None
+        stats = _snapshot(fields)
         if stats is not None:
             yield from _stats_families(stats, int(fields["stats_ms"]))
         yield from _client_families(clients)
+
+
+def _snapshot(fields: dict[str, bytes]) -> dict[str, Any] | None:
+    """The stored key metrics, with a default for any figure a writer did not store
+    (another version of this package); ``None`` if there are none."""
+    try:
+        stored = json.loads(fields["stats"])
+        int(fields["stats_ms"])
+    except (KeyError, ValueError):
+        return None
+    defaults = KeyStats().as_dict()
+    return {name: stored.get(name, default) for name, default in defaults.items()}
 
 
 def _sweep_families(fields: dict[str, bytes]) -> Iterator[Any]:

@@ -754,8 +754,13 @@ class ResultStore:
         found = []
         with self.errors("read client counts"):
             for node in primaries(self.client):
-                where = node.connection_pool.connection_kwargs
-                name = where.get("path") or f"{where.get('host')}:{where.get('port')}"
+                pool = node.connection_pool
+                where = pool.connection_kwargs
+                name = where.get("path") or (
+                    f"{where['host']}:{where.get('port', 6379)}"
+                    if "host" in where
+                    else getattr(pool, "service_name", "server")  # Sentinel's master name
+                )
                 info = node.info("clients")
                 found.append((str(name), {k: int(v) for k, v in info.items() if _whole(v)}))
         return found

@@ -172,6 +172,11 @@ def test_sentinel_failover(make_app: Any) -> None:
         waiter.join(60)
         assert outcome == ["after the failover"]
         assert app.AsyncResult("before").get(timeout=5) == "kept"
+        # The master's client counts are labelled by its name: its address moves.
+        from celery_perkey_backend.prometheus import render
+
+        shown = render(app.backend.store).decode()
+        assert f'perkey_server_maxclients{{server="{sentinels.master_name}"}}' in shown
 
 
 def test_min_replicas_refuses_an_unreplicated_store(make_app: Any) -> None:
@@ -220,3 +225,10 @@ def test_keys_of_redis_are_read_and_counted_on_a_cluster(capp: Any, cluster: Loc
     assert report["results_not_ready"] == 0
     restored.delete()
     assert not backend.client.exists("celery-taskset-meta-old-group")
+    # Prometheus shows each primary's clients, and the counts kept in the metrics hash.
+    from celery_perkey_backend.prometheus import render
+
+    backend.store.record_metrics([("+", "sweeps", 2)])
+    shown = render(backend.store).decode()
+    assert shown.count("perkey_server_maxclients{") == 3
+    assert "perkey_sweeps_total 2.0" in shown

@@ -115,10 +115,11 @@ def test_an_unreachable_server_renders_up_0(make_app: Any) -> None:
 
 
 def test_a_taken_port_is_no_error(app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
     import socket
     import urllib.request
 
-    with socket.socket() as taken:
+    with socket.socket() as taken, caplog.at_level(logging.WARNING, "celery_perkey_backend"):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
@@ -137,3 +138,16 @@ def test_sweep_task_publishes_to_a_textfile(make_app: Any, r: redis.Redis, tmp_p
     app.backend.store_result("t1", 1, states.SUCCESS)
     app.backend.cleanup()
     assert value(target.read_text(), "perkey_sweep_ttl_set_total") == 1
+
+
+def test_a_snapshot_missing_figures_or_unreadable_still_renders(app: Any, r: redis.Redis) -> None:
+    key = app.backend.layout.metrics
+    r.hset(key, mapping={"stats": '{"by_kind": {"result": 4}}', "stats_ms": 1000, "sweeps": 3})
+    shown = render(app.backend.store).decode()
+    assert value(shown, "perkey_keys", kind="result") == 4
+    assert value(shown, "perkey_legacy_keys", kind="task") == 0
+    assert value(shown, "perkey_sweeps_total") == 3
+    r.hset(key, "stats", "{not json")
+    shown = render(app.backend.store).decode()
+    assert value(shown, "perkey_up") == 1
+    assert value(shown, "perkey_keys", kind="result") is None
