@@ -7,6 +7,8 @@
     python3 dev.py matrix     # the compatibility matrix: every server, every Python
                               # (--rest: only what ``test`` did not already cover)
     python3 dev.py bench      # the benchmarks: docs/benchmarks/results.md and plots
+    python3 dev.py load       # the 100,000-task load runs; adds their figures to
+                              # docs/reliability.md
 
 Each creates ``.venv`` on first use and installs what it needs there.
 """
@@ -136,6 +138,24 @@ def find_python(version: str) -> str:
     sys.exit(f"python{version} is claimed in the classifiers but cannot be found or run")
 
 
+def load(python: Path) -> None:
+    """Run the slow 100,000-task load test and record its figures in docs/reliability.md."""
+    import datetime
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "load.md"
+        env = dict(os.environ, PERKEY_LOAD_REPORT=str(report))
+        test = "tests/test_load.py::test_load_100k"
+        command = [str(python), "-m", "pytest", "-q", "-s", "-m", "slow", test]
+        subprocess.run(command, cwd=ROOT, check=True, env=env)
+        lines = report.read_text()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    with (ROOT / "docs" / "reliability.md").open("a") as notes:
+        notes.write(f"\n<!-- {stamp}, python3 dev.py load -->\n{lines}")
+    print(f"added to docs/reliability.md:\n{lines}")
+
+
 def lint(python: Path) -> None:
     run(python, "-m", "ruff", "check", ".")
     run(python, "-m", "ruff", "format", "--check", ".")
@@ -156,13 +176,15 @@ def main(argv: list[str]) -> int:
     elif command == "bench":
         python = ensure_env("bench")
         run(python, "-m", "benchmarks", *rest)
+    elif command == "load":
+        load(ensure_env("dev"))
     elif command == "lint":
         lint(ensure_env("dev"))
     elif command == "example":
         python = ensure_env("example")
         run(python, ROOT / "examples" / "run.py", *rest)
     else:
-        sys.exit(f"unknown command {command!r}; use test, lint, matrix, bench or example")
+        sys.exit(f"unknown command {command!r}; use test, lint, matrix, bench, load or example")
     return 0
 
 

@@ -6,19 +6,27 @@ Configure it with ``result_backend = "perkey://host:6379/0"``.
 
 from .backend import PerkeyBackend
 from .errors import (
+    AccessDeniedError,
     BackendUnavailableError,
     ConfigurationError,
     CorruptResultError,
+    InvalidIdError,
     PerkeyError,
+    PoolExhaustedError,
+    ServerFullError,
     StoreCommandError,
 )
 
 __all__ = [
+    "AccessDeniedError",
     "BackendUnavailableError",
     "ConfigurationError",
     "CorruptResultError",
+    "InvalidIdError",
     "PerkeyBackend",
     "PerkeyError",
+    "PoolExhaustedError",
+    "ServerFullError",
     "StoreCommandError",
 ]
 

@@ -9,6 +9,7 @@ Adopted by configuration alone::
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -16,12 +17,12 @@ from typing import Any
 import redis
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
-from celery.exceptions import BackendStoreError, TimeoutError
+from celery.exceptions import BackendStoreError
 from celery.result import result_from_tuple
 
 from .chords import ChordCoordinator
 from .deadline import Deadline
-from .errors import BackendUnavailableError, CorruptResultError
+from .errors import BackendUnavailableError, CorruptResultError, quote_id
 from .keys import READY_LETTERS, KeyLayout, parse_ready
 from .legacy import fallbacks
 from .prometheus import sweep_and_publish
@@ -31,7 +32,7 @@ from .store import Record, ResultStore
 from .sweep import SweepOptions, SweepSummary
 from .tasks import register_sweep_task
 from .urls import mask_url
-from .waiting import Waiter
+from .waiting import PARENT_CHECK, Waiter
 
 __all__ = ["PREFETCH_LIMIT", "PerkeyBackend"]
 
@@ -136,12 +137,12 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
     def get_key_for_task(self, task_id: str, key: str = "") -> str:
         if not task_id:
-            raise ValueError(f"task_id must not be empty. Got {task_id!r} instead.")
+            raise ValueError(f"task_id must not be empty. Got {quote_id(task_id)} instead.")
         return self.layout.result(str(task_id)) + key
 
     def get_key_for_group(self, group_id: str, key: str = "") -> str:
         if not group_id:
-            raise ValueError(f"group_id must not be empty. Got {group_id!r} instead.")
+            raise ValueError(f"group_id must not be empty. Got {quote_id(group_id)} instead.")
         return self.layout.group(str(group_id)) + key
 
     def get(self, key: str) -> bytes | None:
@@ -183,7 +184,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         limit = self.settings.max_result_bytes
         if len(payload) > limit:
             raise BackendStoreError(
-                f"result of task {task_id!r} is {len(payload)} bytes encoded, over "
+                f"result of task {quote_id(task_id)} is {len(payload)} bytes encoded, over "
                 f"perkey_max_result_bytes={limit}",
                 state=state,
                 task_id=task_id,
@@ -274,6 +275,8 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     ) -> Any:
         self._ensure_not_eager()
         task_id = str(result.id)
+        # A result with parents has them checked (on_interval) at least once a second.
+        cap = PARENT_CHECK if getattr(result, "parent", None) is not None else None
         try:
             if on_message is not None:
                 meta = self.waiter.follow(
@@ -283,10 +286,10 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
                     on_message,
                     consume=self.settings.read_once,
                     on_step=on_interval,
+                    cap=cap,
                 )
             else:
-                prefetched = self._prefetched.pop(task_id, None)
-                meta = prefetched or self._wait_ready(task_id, Deadline(timeout), on_interval)
+                meta = self._wait_ready(task_id, Deadline(timeout), on_interval, cap)
         finally:
             self.remove_pending_result(result)
         result._maybe_set_cache(meta)
@@ -300,13 +303,8 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         no_ack: bool = True,
         on_interval: Callable[[], Any] | None = None,
     ) -> Meta:
-        """Block until the task is ready and return its meta.
-
-        Raises
-        ------
-        celery.exceptions.TimeoutError
-            If ``timeout`` passes first.
-        """
+        """Block until the task is ready and return its meta (Celery's TimeoutError
+        if ``timeout`` passes first)."""
         self._ensure_not_eager()
         return self._wait_ready(str(task_id), Deadline(timeout), on_interval)
 
@@ -316,6 +314,9 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         A ``join()`` then costs one round trip for everything already stored. Only a
         SUCCESS is kept for later: it is final, so it cannot go stale.
         """
+        prefetched = self._prefetched.pop(task_id, None)
+        if prefetched is not None:
+            return prefetched
         others = [tid for tid in list(self._pending.keys()) if tid != task_id]
         for stale in set(self._prefetched) - set(others):
             del self._prefetched[stale]
@@ -326,17 +327,27 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         return found.get(task_id)
 
     def _wait_ready(
-        self, task_id: str, deadline: Deadline, on_interval: Callable[[], Any] | None
+        self,
+        task_id: str,
+        deadline: Deadline,
+        on_interval: Callable[[], Any] | None,
+        cap: float | None = None,
     ) -> Meta:
         read_once = self.settings.read_once
-        if read_once:
-            meta = self._fetch_ready([task_id], consume=True).get(task_id)
-        else:
-            meta = self._prefetch(task_id)
-        if meta is not None:
-            return meta
+
+        def first() -> Meta | None:
+            if read_once:
+                return self._fetch_ready([task_id], consume=True).get(task_id)
+            return self._prefetch(task_id)
+
         return self.waiter.until_ready(
-            task_id, deadline, self._final, consume=read_once, on_step=on_interval
+            task_id,
+            deadline,
+            self._final,
+            first=first,
+            consume=read_once,
+            on_step=on_interval,
+            cap=cap,
         )
 
     def get_many(
@@ -350,43 +361,26 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         max_iterations: int | None = None,
         READY_STATES: frozenset[str] = states.READY_STATES,
     ) -> Iterator[tuple[str, Meta]]:
-        """Yield ``(task_id, meta)`` for each task as it is ready.
-
-        Everything already stored comes from one pipelined round trip; then the wait
-        blocks on one missing result at a time under one overall deadline, and reads
-        all the others again, in one round trip, each time one arrives. With
-        ``max_iterations``, it stops after that many reads (Celery's ``ResultSet``
-        asks for one to see what is ready now).
-        """
-        deadline = Deadline(timeout)
+        """Yield ``(task_id, meta)`` for each task as it is ready: everything stored in
+        one round trip, then one blocking wait at a time (see ``Waiter.each_ready``);
+        ``max_iterations`` caps the reads (Celery's ``ResultSet`` asks for one)."""
+        ids = list(dict.fromkeys(str(t) for t in task_ids))
+        yield from ((tid, self._cache[tid]) for tid in ids if tid in self._cache)
         read_once = self.settings.read_once
-        missing = list(dict.fromkeys(str(t) for t in task_ids))
-        for tid in missing:
-            if tid in self._cache:
-                yield tid, self._cache[tid]
-        missing = [tid for tid in missing if tid not in self._cache]
-        reads = 0
-        while missing:
-            reads += 1
-            found = self._fetch_ready(missing, consume=read_once)
-            for tid, meta in found.items():
-                self._cache[tid] = meta
-                if on_message is not None:
-                    on_message(meta)
-                yield tid, meta
-            missing = [tid for tid in missing if tid not in found]
-            if not missing or (max_iterations and reads >= max_iterations):
-                return
-            if deadline.expired:
-                raise TimeoutError(f"Operation timed out ({timeout})")
-            head = missing.pop(0)
-            meta = self.waiter.until_ready(
-                head, deadline, self._final, consume=read_once, on_step=on_interval
-            )
-            self._cache[head] = meta
+        for tid, meta in self.waiter.each_ready(
+            [tid for tid in ids if tid not in self._cache],
+            Deadline(timeout),
+            functools.partial(self._fetch_ready, consume=read_once),
+            self._final,
+            consume=read_once,
+            on_step=on_interval,
+            cap=PARENT_CHECK if on_interval is not None else None,
+            max_reads=max_iterations,
+        ):
+            self._cache[tid] = meta
             if on_message is not None:
                 on_message(meta)
-            yield head, meta
+            yield tid, meta
 
     # -- chords -----------------------------------------------------------------------
 

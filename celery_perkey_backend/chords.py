@@ -18,6 +18,7 @@ from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult, allow_join_result
 
+from .errors import quote_id
 from .store import ResultStore
 
 __all__ = ["ChordCoordinator"]
@@ -66,7 +67,7 @@ class ChordCoordinator:
                 backend.get_key_for_group(header.id),
                 backend.encode({"result": header.as_tuple()}),
                 _ms(self.store.settings.chord_result_expires_s),
-                what=f"save chord header {header.id!r}",
+                what=f"save chord header {quote_id(header.id)}",
             )
 
     def part_returned(self, request: Any, state: str, result: Any) -> None:

@@ -4,18 +4,21 @@
 Exit codes: 0 done; 1 ``inspect`` found nothing; 2 usage error (or ``metrics`` without
 the ``prometheus`` extra); 3 the server cannot be reached or refused a command; 4 the app
 does not use this backend; 5 ``sweep`` skipped because another sweep holds the lock; 6
-``migrate --check``: keys of ``redis://`` are still in flight.
+``doctor`` found something dangerous; 7 ``migrate --check``: keys of ``redis://`` are
+still in flight.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from typing import Any
 
 import click
 
-from .errors import PerkeyError
+from .doctor import SEVERITIES, Report, diagnose
+from .errors import PerkeyError, quote_id
 from .keys import LEGACY_KINDS, parse_ready
 from .legacy import LegacySurvey, expire_legacy, survey
 from .prometheus import render, write_textfile
@@ -31,7 +34,8 @@ EXIT_NOT_FOUND = 1
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_PERKEY = 4
 EXIT_LOCKED = 5
-EXIT_IN_FLIGHT = 6
+EXIT_DANGER = 6
+EXIT_IN_FLIGHT = 7
 
 #: Above this many keys in the database, ``sweep`` shows a progress bar.
 PROGRESS_THRESHOLD = 10_000
@@ -184,7 +188,7 @@ def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
     layout = backend.layout
     report: dict[str, Any] = {"task_id": task_id, "keys": []}
     names = [layout.result(task_id), layout.progress(task_id), layout.legacy(task_id)]
-    for info in backend.store.inspect(names, f"inspect task {task_id!r}"):
+    for info in backend.store.inspect(names, f"inspect task {quote_id(task_id)}"):
         entry: dict[str, Any] = {"key": info.key, "type": info.type, "ttl_ms": info.ttl_ms}
         entry["raw"] = _safe(info.raw)
         if info.key == names[0] and isinstance(info.raw, bytes):
@@ -215,7 +219,42 @@ def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
 
 
 @perkey.command()
-@click.option("--check", is_flag=True, help="Exit 6 while keys of redis:// are in flight.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for monitoring.")
+@click.option("--sample-limit", default=100_000, show_default=True, help="Keys examined at most.")
+@click.pass_context
+@_guard
+def doctor(ctx: click.Context, as_json: bool, sample_limit: int) -> None:
+    """Check the server and the app's settings for hazards to results.
+
+    Exits 6 when a finding is dangerous, 0 otherwise.
+    """
+    report = diagnose(_backend(ctx), sample_limit=sample_limit)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=repr))
+    else:
+        _print_report(report)
+    if report.dangerous:
+        sys.exit(EXIT_DANGER)
+
+
+def _print_report(report: Report) -> None:
+    """Worst first; for each finding that is not ok, why it matters and the fix."""
+    order = {name: rank for rank, name in enumerate(reversed(SEVERITIES))}
+    for finding in sorted(report.findings, key=lambda f: order[f.severity]):
+        click.echo(f"{finding.severity.upper():<8}{finding.rule}: {finding.finding}")
+        if finding.severity != "ok":
+            for label, text in (("why", finding.why), ("fix", finding.fix)):
+                click.echo(
+                    textwrap.fill(
+                        f"{label}: {text}", 100, initial_indent=" " * 8, subsequent_indent=" " * 13
+                    )
+                )
+    counts = report.counts()
+    click.echo(", ".join(f"{name}: {counts[name]}" for name in reversed(SEVERITIES)))
+
+
+@perkey.command()
+@click.option("--check", is_flag=True, help="Exit 7 while keys of redis:// are in flight.")
 @click.option(
     "--expire-legacy",
     "ttl",

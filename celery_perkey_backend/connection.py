@@ -1,28 +1,50 @@
-"""Clients and pools, error translation, and the one retry policy.
+"""Clients and pools, deadlines on the wire, error translation, the one retry policy.
 
 Celery builds one backend instance per thread, so pools are shared deliberately: every
 instance in a process with the same URL and settings uses the same client. redis-py's
 own retries are off (every connection gets zero retries): :class:`RetryPolicy` is the
 only place a failed command is tried again, so attempt counts never multiply.
+
+Deadlines reach the wire through :func:`bounded_by`: while a wait's deadline is in
+force, every connection of ours bounds what it does by it. Connecting, the TLS and
+Redis handshakes (also bounded by the connect timeout, always), every reply and the
+wait for a free connection of the pool all end by the deadline plus a small margin,
+whatever the server does, so no single command can hold a wait past its deadline.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import AbstractBackoff, NoBackoff
-from redis.exceptions import RedisClusterException
+from redis.exceptions import MaxConnectionsError, RedisClusterException
 from redis.retry import Retry
+from redis.sentinel import (
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 
 from .deadline import Deadline
-from .errors import BackendUnavailableError, ConfigurationError, StoreCommandError
+from .errors import (
+    AccessDeniedError,
+    BackendUnavailableError,
+    ConfigurationError,
+    PoolExhaustedError,
+    ServerFullError,
+    StoreCommandError,
+    quote_id,
+)
 from .settings import RetrySettings, Settings
 from .urls import mask_url
 
@@ -30,6 +52,7 @@ __all__ = [
     "READ_MARGIN",
     "RetryPolicy",
     "blocking_call",
+    "bounded_by",
     "client_for",
     "node_client",
     "primaries",
@@ -58,6 +81,151 @@ RETRYABLE: tuple[type[Exception], ...] = (
 #: No retries inside redis-py: the policy below is the only one.
 _NO_RETRY = Retry(NoBackoff(), 0)
 
+#: The deadline of the wait this thread (or asyncio task) is in, if any.
+_deadline: ContextVar[Deadline | None] = ContextVar("perkey_deadline", default=None)
+
+
+@contextmanager
+def bounded_by(deadline: Deadline) -> Iterator[None]:
+    """Bound everything our connections do in this block by ``deadline``.
+
+    Connecting and the handshakes, every reply, and the wait for a free connection of
+    the pool end by the deadline (replies: plus :data:`READ_MARGIN`).
+    """
+    token = _deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def _left() -> float | None:
+    deadline = _deadline.get()
+    return None if deadline is None else deadline.remaining()
+
+
+def _smaller(limit: float | None, other: float | None) -> float | None:
+    if limit is None:
+        return other
+    if other is None:
+        return limit
+    return min(limit, other)
+
+
+class _Bounded:
+    """What our connections add to redis-py's: every step bounded by the deadline.
+
+    The TCP connect, the TLS handshake and the Redis handshake (HELLO, AUTH, SELECT)
+    take at most the connect timeout, and at most what is left of the deadline; each
+    reply is read with at most what is left of it plus :data:`READ_MARGIN`. A read
+    that times out drops the connection (redis-py does), so a late reply can never be
+    taken for the next command's.
+    """
+
+    socket_timeout: float | None
+    socket_connect_timeout: float | None
+    _perkey_connecting = False
+
+    def _connect(self) -> Any:
+        limit = _smaller(self.socket_connect_timeout, _left())
+        configured = self.socket_timeout, self.socket_connect_timeout
+        # The socket takes its timeout from these while connecting: the TLS handshake
+        # then waits no longer than a connect may take.
+        self.socket_timeout = self.socket_connect_timeout = limit
+        try:
+            sock = super()._connect()  # type: ignore[misc]
+        finally:
+            self.socket_timeout, self.socket_connect_timeout = configured
+        sock.settimeout(self.socket_timeout)
+        return sock
+
+    def on_connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        self._perkey_connecting = True
+        try:
+            return super().on_connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._perkey_connecting = False
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if "timeout" not in kwargs:
+            left = _left()
+            limit = None if left is None else left + READ_MARGIN
+            if self._perkey_connecting:
+                limit = _smaller(limit, self.socket_connect_timeout)
+            if limit is not None:
+                kwargs["timeout"] = _smaller(self.socket_timeout, limit)
+        return super().read_response(*args, **kwargs)  # type: ignore[misc]
+
+
+class BoundedConnection(_Bounded, redis.Connection):
+    """A TCP connection bounded by the deadline in force."""
+
+
+class BoundedSSLConnection(_Bounded, redis.SSLConnection):
+    """A TLS connection bounded by the deadline in force."""
+
+
+class BoundedUnixConnection(_Bounded, redis.UnixDomainSocketConnection):
+    """A unix socket connection bounded by the deadline in force."""
+
+
+class BoundedSentinelConnection(_Bounded, SentinelManagedConnection):
+    """A connection to the master the Sentinels name, bounded by the deadline."""
+
+
+class BoundedSentinelSSLConnection(_Bounded, SentinelManagedSSLConnection):
+    """A TLS connection to the master the Sentinels name, bounded by the deadline."""
+
+
+class _Queueing:
+    """A pool that, when ``redis_max_connections`` are all in use, queues for one.
+
+    redis-py's own pool fails at once ("Too many connections"). Here a caller waits
+    until a connection is released, for as long as the deadline in force allows, or
+    ``queue_timeout`` when none is (stores: as long as the retry policy would retry a
+    lost connection); then :class:`PoolExhaustedError` names the setting.
+    """
+
+    max_connections: int
+    queue_timeout: float | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.freed = threading.Condition()
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        left = _left()
+        limit = self.queue_timeout if left is None else left
+        end = None if limit is None else time.monotonic() + limit
+        while True:
+            try:
+                return super().get_connection(*args, **kwargs)  # type: ignore[misc]
+            except MaxConnectionsError:
+                remaining = None if end is None else end - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise MaxConnectionsError(
+                        f"the client pool is exhausted: all redis_max_connections="
+                        f"{self.max_connections} connections stayed in use"
+                    ) from None
+                with self.freed:
+                    # Short waits: a release between the failed take and this wait
+                    # must not be slept through.
+                    self.freed.wait(0.05 if remaining is None else min(remaining, 0.05))
+
+    def release(self, connection: Any) -> None:
+        super().release(connection)  # type: ignore[misc]
+        with self.freed:
+            self.freed.notify()
+
+
+class QueueingPool(_Queueing, redis.ConnectionPool):
+    """redis-py's pool, queueing for a free connection instead of failing."""
+
+
+class QueueingSentinelPool(_Queueing, SentinelConnectionPool):
+    """redis-py's Sentinel pool, queueing for a free connection instead of failing."""
+
+
 _clients: dict[tuple[str, str, str], redis.Redis] = {}
 _clients_lock = threading.Lock()
 
@@ -83,28 +251,36 @@ def client_for(settings: Settings) -> redis.Redis:
         client = _clients.get(ident)
         if client is None:
             try:
-                client = _build(url, dict(options), transport)
+                client = _build(settings)
             except (ValueError, TypeError, redis.RedisError, RedisClusterException) as exc:
                 raise ConfigurationError(f"result_backend {shown!r}: {exc}") from None
             _clients[ident] = client
     return client
 
 
-def _build(url: str, options: dict[str, Any], transport: Mapping[str, Any]) -> redis.Redis:
-    # redis_backend_use_ssl: each client kind takes TLS its own way.
-    tls = options.pop("ssl", False)
+def _build(settings: Settings) -> redis.Redis:
+    url = settings.redis_url
+    options = dict(settings.connection_options)
+    transport = settings.transport_options
+    # redis_backend_use_ssl: the TLS options came with the settings.
+    tls = options.pop("ssl", False) or url.startswith("rediss://")
     options["retry"] = _NO_RETRY
-    if url.startswith(("cluster://", "sentinel://")) and tls:
-        options["ssl"] = True
+    queue_timeout = RetryPolicy(settings.retry).budget_s()
     if url.startswith("cluster://"):
         nodes, auth = _hosts(url, ",")
         if auth.pop("db", 0):
             raise ValueError("a cluster has only database 0")
+        # Node pools are redis-py's and not capped. Given a URL, redis-py builds them
+        # with our connection class (it takes TLS options then, not ``ssl``).
         options.pop("max_connections", None)
+        options["connection_class"] = BoundedSSLConnection if tls else BoundedConnection
         from redis.cluster import ClusterNode
 
-        startup = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
-        return redis.RedisCluster(startup_nodes=startup, **auth, **options)  # type: ignore[return-value]
+        (host, port), others = nodes[0], nodes[1:]
+        startup = [ClusterNode(host, port) for host, port in others]  # type: ignore[no-untyped-call]
+        return redis.RedisCluster(  # type: ignore[return-value]
+            url=f"redis://{host}:{port}", startup_nodes=startup, **auth, **options
+        )
     if url.startswith("sentinel://"):
         from redis.sentinel import Sentinel
 
@@ -115,17 +291,31 @@ def _build(url: str, options: dict[str, Any], transport: Mapping[str, Any]) -> r
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             nodes, sentinel_kwargs=transport.get("sentinel_kwargs"), **auth, **options
         )
-        master_client: redis.Redis = sentinel.master_for(master, redis_class=redis.Redis)  # type: ignore[no-untyped-call]
+        pool_options: dict[str, Any] = {
+            "connection_pool_class": QueueingSentinelPool,
+            "connection_class": BoundedSentinelSSLConnection if tls else BoundedSentinelConnection,
+        }
+        if tls:
+            pool_options["ssl"] = True
+        master_client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            master, redis_class=redis.Redis, **pool_options
+        )
+        pool = master_client.connection_pool
+        assert isinstance(pool, QueueingSentinelPool)
+        pool.queue_timeout = queue_timeout
         return master_client
     if url.startswith("unix://"):
         # Options that make sense only for TCP.
         options.pop("socket_keepalive", None)
-    elif tls:
-        options["connection_class"] = redis.SSLConnection
+        options["connection_class"] = BoundedUnixConnection
+    else:
+        options["connection_class"] = BoundedSSLConnection if tls else BoundedConnection
     # redis-py caps a pool at 100 unless told otherwise; each blocked waiter holds a
     # connection, so without a setting we do not cap.
     options.setdefault("max_connections", 2**31)
-    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, **options))
+    pool = QueueingPool.from_url(url, **options)
+    pool.queue_timeout = queue_timeout
+    return redis.Redis(connection_pool=pool)
 
 
 def _hosts(url: str, separator: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
@@ -212,14 +402,29 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
 
     Raises
     ------
+    AccessDeniedError
+        For refused credentials or rights, and failed TLS handshakes: never retried.
+    PoolExhaustedError
+        When no connection of the client's own pool came free in time.
     BackendUnavailableError
         For lost or refused connections and socket timeouts.
+    ServerFullError
+        When the server is out of memory and refused a write.
     StoreCommandError
         For any other error the server or the client reports.
     """
     try:
         yield
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        raise AccessDeniedError(f"{where}: Redis at {mask_url(url)} refused access: {exc}") from exc
+    except MaxConnectionsError as exc:
+        raise PoolExhaustedError(f"{where}: {exc}") from exc
     except RETRYABLE as exc:
+        tls = _tls_failure(exc)
+        if tls is not None:
+            raise AccessDeniedError(
+                f"{where}: the TLS handshake with {mask_url(url)} failed: {tls}"
+            ) from exc
         raise BackendUnavailableError(
             f"{where}: Redis at {mask_url(url)} is unavailable: {exc}"
         ) from exc
@@ -230,10 +435,30 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
             raise BackendUnavailableError(
                 f"{where}: Redis at {mask_url(url)} is changing its topology: {exc}"
             ) from exc
-        about = f" (key {key!r})" if key else ""
+        if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
+            raise AccessDeniedError(
+                f"{where}: Redis at {mask_url(url)} refused access: {exc}"
+            ) from exc
+        about = f" (key {quote_id(key)})" if key else ""
+        if isinstance(exc, redis.exceptions.OutOfMemoryError):
+            raise ServerFullError(f"{where}{about}: {text}") from exc
         if "WRONGTYPE" in text:
             text = "the key holds a value of another type than this backend writes"
         raise StoreCommandError(f"{where}{about}: {text}") from exc
+
+
+def _tls_failure(exc: BaseException) -> BaseException | None:
+    """The TLS error behind a connection error, unless it is a mere timeout.
+
+    A certificate that fails verification, or a server that does not speak TLS and
+    answers, cannot be cured by trying again.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) and not isinstance(seen, TimeoutError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class _Pauses(AbstractBackoff):
@@ -246,14 +471,18 @@ class _Pauses(AbstractBackoff):
     def reset(self) -> None:
         pass
 
-    def compute(self, failures: int) -> float:
+    def ceiling(self, failures: int) -> float:
+        """The longest pause before retry ``failures``."""
         policy = self._settings
         if policy.exponential:
-            pause = random.uniform(0, min(policy.max_pause_s, policy.first_pause_s * 2**failures))
-        else:
-            pause = min(
-                policy.first_pause_s + policy.pause_step_s * (failures - 1), policy.max_pause_s
-            )
+            return min(policy.max_pause_s, policy.first_pause_s * 2.0**failures)
+        grown = policy.first_pause_s + policy.pause_step_s * (failures - 1)
+        return min(grown, policy.max_pause_s)
+
+    def compute(self, failures: int) -> float:
+        pause = self.ceiling(failures)
+        if self._settings.exponential:
+            pause = random.uniform(0, pause)
         left = self._deadline.remaining() if self._deadline is not None else None
         return pause if left is None else min(pause, left)
 
@@ -276,6 +505,15 @@ class RetryPolicy:
     @property
     def max_retries(self) -> int | None:
         return self.settings.max_retries
+
+    def budget_s(self) -> float | None:
+        """The longest the policy pauses in all, retrying a lost connection; ``None``
+        when it retries forever."""
+        limit = self.settings.max_retries
+        if limit is None:
+            return None
+        pauses = _Pauses(self.settings, None)
+        return sum(pauses.ceiling(n) for n in range(1, limit + 1)) or 1.0
 
     def call(
         self,
@@ -325,4 +563,10 @@ class RetryPolicy:
             -1 if limit is None else limit,
             supported_errors=(BackendUnavailableError,),
         )
-        return retry.call_with_retry(op, fail, with_failure_count=True)
+        # A pool that stayed exhausted already waited as long as a retry would.
+        return retry.call_with_retry(
+            op,
+            fail,
+            is_retryable=lambda error: not isinstance(error, PoolExhaustedError),
+            with_failure_count=True,
+        )

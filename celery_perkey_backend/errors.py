@@ -11,12 +11,29 @@ from __future__ import annotations
 from celery.exceptions import BackendError, ImproperlyConfigured
 
 __all__ = [
+    "AccessDeniedError",
     "BackendUnavailableError",
     "ConfigurationError",
     "CorruptResultError",
+    "InvalidIdError",
     "PerkeyError",
+    "PoolExhaustedError",
+    "ServerFullError",
     "StoreCommandError",
+    "quote_id",
 ]
+
+#: Ids longer than this are shortened where a message quotes them.
+ID_QUOTE_LIMIT = 120
+
+
+def quote_id(ident: object) -> str:
+    """``repr`` of an id for a message, shortened if long: a 10 KB id must not put
+    20 KB of text into one exception."""
+    text = repr(ident)
+    if len(text) <= ID_QUOTE_LIMIT:
+        return text
+    return f"{text[: ID_QUOTE_LIMIT - 20]}...' ({len(str(ident))} characters)"
 
 
 class PerkeyError(BackendError):  # type: ignore[misc]
@@ -31,8 +48,30 @@ class BackendUnavailableError(PerkeyError):
     """
 
 
+class PoolExhaustedError(BackendUnavailableError):
+    """Every connection of the client's own pool (``redis_max_connections``) stayed in
+    use for as long as the operation could wait. The server may be fine."""
+
+
+class AccessDeniedError(PerkeyError):
+    """The server refused our credentials or rights: a wrong password or user, an ACL
+    that denies a command (NOPERM), or a TLS certificate that failed verification.
+
+    Never retried: trying again cannot help, and would look like an outage.
+    """
+
+
 class StoreCommandError(PerkeyError):
     """The server refused a command, e.g. a key of ours holds the wrong type."""
+
+
+class ServerFullError(StoreCommandError):
+    """The server is out of memory (``maxmemory`` with ``noeviction``) and refused a
+    write. Stores fail with it; waits degrade to reading instead."""
+
+
+class InvalidIdError(PerkeyError, ValueError):
+    """A task or group id that no key can be made of: empty, or not encodable."""
 
 
 class CorruptResultError(PerkeyError):
@@ -52,7 +91,9 @@ class CorruptResultError(PerkeyError):
         self.task_id = task_id
         self.key = key
         self.reason = reason
-        super().__init__(f"result of task {task_id!r} in key {key!r} is unreadable: {reason}")
+        super().__init__(
+            f"result of task {quote_id(task_id)} in key {quote_id(key)} is unreadable: {reason}"
+        )
 
     def __reduce__(self) -> tuple[type[CorruptResultError], tuple[str, str, str]]:
         return (type(self), (self.task_id, self.key, self.reason))

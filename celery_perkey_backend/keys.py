@@ -34,6 +34,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .errors import InvalidIdError, quote_id
+
 __all__ = [
     "KIND_NAMES",
     "LEGACY_GROUP_PREFIX",
@@ -84,9 +86,17 @@ _SWEEP_LOCK = "lock:sweep"
 _METRICS = "metrics"
 
 
-def _tagged(ident: str) -> str:
+def _tagged(ident: str, what: str) -> str:
+    """The id inside its hash tag, checked: no key can be made of an empty id, or of
+    one that is not valid text (a lone surrogate cannot be encoded)."""
+    if not ident:
+        raise InvalidIdError(f"{what} must not be empty, got {ident!r}")
+    try:
+        encoded = ident.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidIdError(f"{what} {quote_id(ident)} is not valid text: {exc.reason}") from None
     if "{" in ident or "}" in ident:
-        return "{" + hashlib.sha1(ident.encode("utf-8")).hexdigest() + "}" + ident
+        return "{" + hashlib.sha1(encoded).hexdigest() + "}" + ident
     return "{" + ident + "}"
 
 
@@ -124,10 +134,10 @@ class KeyLayout:
     legacy_group_prefix: str = LEGACY_GROUP_PREFIX
 
     def result(self, task_id: str) -> str:
-        return f"{self.prefix}r:{_tagged(task_id)}"
+        return f"{self.prefix}r:{_tagged(task_id, 'task id')}"
 
     def progress(self, task_id: str) -> str:
-        return f"{self.prefix}p:{_tagged(task_id)}"
+        return f"{self.prefix}p:{_tagged(task_id, 'task id')}"
 
     def legacy(self, task_id: str) -> str:
         return f"{self.legacy_prefix}{task_id}"
@@ -145,10 +155,10 @@ class KeyLayout:
         return None
 
     def group(self, group_id: str) -> str:
-        return f"{self.prefix}g:{_tagged(group_id)}"
+        return f"{self.prefix}g:{_tagged(group_id, 'group id')}"
 
     def chord(self, group_id: str, part: str) -> str:
-        return f"{self.prefix}c:{_tagged(group_id)}:{part}"
+        return f"{self.prefix}c:{_tagged(group_id, 'group id')}:{part}"
 
     def chord_keys(self, group_id: str) -> ChordKeys:
         chord = self.chord

@@ -22,6 +22,7 @@ from .errors import ConfigurationError
 from .urls import CERT_REQS, display_url, to_redis_url
 
 __all__ = [
+    "DEFAULT_CONNECT_TIMEOUT_S",
     "DEFAULT_RETRY_POLICY",
     "PERKEY_DEFAULTS",
     "RetrySettings",
@@ -57,6 +58,10 @@ PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "perkey_prometheus_refresh": 15.0,
     }
 )
+
+#: How long connecting (TCP, TLS and the Redis handshake) may take when
+#: ``redis_socket_connect_timeout`` is not set.
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
 
 #: Celery's own default ``retry_policy`` of its Redis backend.
 DEFAULT_RETRY_POLICY: Mapping[str, Any] = MappingProxyType(
@@ -469,11 +474,17 @@ def _connection_options(conf: Mapping[str, Any]) -> tuple[dict[str, Any], float 
     Values in the URL's query string win over these, as they do in Celery.
     """
     socket_timeout = _optional_duration(conf.get("redis_socket_timeout"), "redis_socket_timeout")
+    connect_timeout = _optional_duration(
+        conf.get("redis_socket_connect_timeout"), "redis_socket_connect_timeout"
+    )
+    if connect_timeout is None:
+        # redis-py would wait the whole socket timeout (120 s in Celery) to connect.
+        connect_timeout = min(
+            DEFAULT_CONNECT_TIMEOUT_S, socket_timeout or DEFAULT_CONNECT_TIMEOUT_S
+        )
     options: dict[str, Any] = {
         "socket_timeout": socket_timeout,
-        "socket_connect_timeout": _optional_duration(
-            conf.get("redis_socket_connect_timeout"), "redis_socket_connect_timeout"
-        ),
+        "socket_connect_timeout": connect_timeout,
     }
     limit = conf.get("redis_max_connections")
     if limit:

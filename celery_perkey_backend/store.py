@@ -29,10 +29,11 @@ from .connection import (
     primaries,
     redis_errors,
 )
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, quote_id
 from .keys import KeyLayout
 from .scripts import Script
 from .settings import Settings
+from .urls import mask_url
 
 __all__ = [
     "PROGRESS_GRACE_MS",
@@ -225,7 +226,7 @@ class ResultStore:
                 "grace_ms": grace,
             },
         )
-        where = f"store result of task {task_id!r}"
+        where = f"store result of task {quote_id(task_id)}"
         replicas = self.settings.min_replicas
 
         def once() -> bool:
@@ -250,7 +251,7 @@ class ResultStore:
                 )
             return bool(stored)
 
-        return self.policy.call(once, f"store of task {task_id!r}")
+        return self.policy.call(once, f"store of task {quote_id(task_id)}")
 
     def set(self, key: str, value: bytes | str, ttl_ms: int, what: str = "write") -> None:
         """SET a plain string key (a saved group), with a TTL unless 0; retried."""
@@ -259,7 +260,7 @@ class ResultStore:
             with self.errors(what, key):
                 self.client.set(key, value, px=ttl_ms or None)
 
-        self.policy.call(once, f"{what} of {key!r}")
+        self.policy.call(once, f"{what} of {quote_id(key)}")
 
     def get(self, key: str) -> bytes | None:
         """GET a plain string key."""
@@ -280,7 +281,7 @@ class ResultStore:
             for key in doomed:  # one by one: the fallback key lives in another slot
                 pipe.delete(key)
 
-        self._pipeline(build, f"forget task {task_id!r}", doomed[0])
+        self._pipeline(build, f"forget task {quote_id(task_id)}", doomed[0])
 
     # -- reading ----------------------------------------------------------------------
 
@@ -300,7 +301,7 @@ class ResultStore:
             if fallback is not None:
                 pipe.get(fallback)
 
-        replies = self._pipeline(build, f"read result of task {task_id!r}", rkey)
+        replies = self._pipeline(build, f"read result of task {quote_id(task_id)}", rkey)
         ready, latest = replies[0], replies[1]
         if ready is not None:
             return Record(task_id, rkey, ready, "ready")
@@ -339,7 +340,7 @@ class ResultStore:
 
     def _read_one(self, task_id: str, consume: bool) -> dict[str, Record]:
         rkey = self.layout.result(task_id)
-        with self.errors(f"read result of task {task_id!r}", rkey):
+        with self.errors(f"read result of task {quote_id(task_id)}", rkey):
             if consume:
                 keys, _ = scripts.TAKE.bind(
                     {"result": rkey, "progress": self.layout.progress(task_id)}
@@ -357,7 +358,7 @@ class ResultStore:
         if self.fallback is None:
             return None
         key = self.fallback(task_id)
-        with self.errors(f"read result of task {task_id!r}", key):
+        with self.errors(f"read result of task {quote_id(task_id)}", key):
             value = cast("bytes | None", self.client.get(key))
         return None if value is None else Record(task_id, key, value, "fallback")
 
@@ -385,7 +386,7 @@ class ResultStore:
         for i, (task_id, rkey) in enumerate(pairs):
             element = replies[i * step]
             if isinstance(element, redis.ResponseError):
-                with self.errors(f"read result of task {task_id!r}", rkey):
+                with self.errors(f"read result of task {quote_id(task_id)}", rkey):
                     raise element
             if element is not None:
                 found[task_id] = Record(task_id, rkey, element, "ready")
@@ -416,7 +417,7 @@ class ResultStore:
             If the connection broke or the reply did not come in time.
         """
         rkey = self.layout.result(task_id)
-        with self.errors(f"wait for task {task_id!r}", rkey):
+        with self.errors(f"wait for task {quote_id(task_id)}", rkey):
             element = self._rotate(rkey, seconds)
         if element is not None:
             return Record(task_id, rkey, element, "ready")
@@ -453,7 +454,7 @@ class ResultStore:
         keys, args = scripts.WATCH.bind(
             {"result": rkey, "progress": pkey}, {"last_id": last_id, "ttl_ms": ttl_ms}
         )
-        with self.errors(f"wait for task {task_id!r}", rkey):
+        with self.errors(f"wait for task {quote_id(task_id)}", rkey):
             ready, entries = self._eval(scripts.WATCH, keys, args)
         if ready:
             return Record(task_id, rkey, ready, "ready"), []
@@ -466,7 +467,7 @@ class ResultStore:
     def block_progress(self, task_id: str, last_id: bytes, seconds: float) -> bool:
         """Block up to ``seconds`` for a progress entry after ``last_id``; True if one came."""
         pkey = self.layout.progress(task_id)
-        with self.errors(f"wait for task {task_id!r}", pkey):
+        with self.errors(f"wait for task {quote_id(task_id)}", pkey):
             news = blocking_call(
                 self.client, pkey, seconds, "XREAD", "BLOCK", max(1, int(seconds * 1000)),
                 "STREAMS", pkey, last_id,
@@ -483,15 +484,15 @@ class ResultStore:
         )
 
         def once() -> None:
-            with self.errors(f"set size of chord {group_id!r}", chord.size):
+            with self.errors(f"set size of chord {quote_id(group_id)}", chord.size):
                 self._eval(scripts.CHORD_SIZE, keys, args)
 
-        self.policy.call(once, f"chord size of {group_id!r}")
+        self.policy.call(once, f"chord size of {quote_id(group_id)}")
 
     def chord_add(self, group_id: str) -> None:
         """Count one more member of a running chord (``add_to_chord``)."""
         added = self.layout.chord_keys(group_id).added
-        with self.errors(f"add to chord {group_id!r}", added):
+        with self.errors(f"add to chord {quote_id(group_id)}", added):
             self.client.incr(added)
 
     def chord_part(
@@ -525,16 +526,16 @@ class ResultStore:
         )
 
         def once() -> ChordTally:
-            with self.errors(f"chord part of {group_id!r}", chord.results):
+            with self.errors(f"chord part of {quote_id(group_id)}", chord.results):
                 count, total, claimed = self._eval(scripts.CHORD_PART, keys, args)
             return ChordTally(int(count), int(total), bool(claimed))
 
-        return self.policy.call(once, f"chord part of {group_id!r}")
+        return self.policy.call(once, f"chord part of {quote_id(group_id)}")
 
     def chord_values(self, group_id: str, total: int) -> list[bytes]:
         """The header results of a chord, in header order (or arrival order)."""
         results = self.layout.chord_keys(group_id).results
-        with self.errors(f"read chord {group_id!r}", results):
+        with self.errors(f"read chord {quote_id(group_id)}", results):
             if self.settings.chord_ordered:
                 values = self.client.zrange(results, 0, -1)
             else:
@@ -549,10 +550,10 @@ class ResultStore:
         )
 
         def once() -> bool:
-            with self.errors(f"finish chord {group_id!r}", chord.claim):
+            with self.errors(f"finish chord {quote_id(group_id)}", chord.claim):
                 return bool(self._eval(scripts.CHORD_DONE, keys, args))
 
-        return self.policy.call(once, f"finish chord {group_id!r}")
+        return self.policy.call(once, f"finish chord {quote_id(group_id)}")
 
     # -- for operators: walking and weighing the keyspace ------------------------------
 
@@ -671,6 +672,52 @@ class ResultStore:
             return self.client.xrevrange(key, count=1)
         return f"<{kind}>"
 
+    # -- for operators: the server's own state (doctor) ---------------------------------
+    # Read-only, one server at a time, never retried: a check should report what it
+    # finds now. Errors are translated like everywhere else, so a caller can tell a
+    # refused command (StoreCommandError, e.g. NOPERM) from a server it cannot reach
+    # (BackendUnavailableError).
+
+    def node_name(self, node: redis.Redis) -> str:
+        """``host:port`` (or the socket path) of one server, for reports."""
+        kwargs = node.connection_pool.connection_kwargs
+        if kwargs.get("path"):
+            return str(kwargs["path"])
+        if kwargs.get("host"):
+            return f"{kwargs['host']}:{kwargs.get('port', 6379)}"
+        return mask_url(self.settings.url)
+
+    def server_info(self, node: redis.Redis, section: str) -> dict[str, Any]:
+        """``INFO section`` of one server (see :meth:`primaries`), parsed."""
+        with self.errors(f"read INFO {section} of {self.node_name(node)}"):
+            return node.info(section)
+
+    def server_config(self, node: redis.Redis, name: str) -> str | None:
+        """``CONFIG GET name`` of one server; ``None`` if it has no such parameter.
+
+        Raises
+        ------
+        StoreCommandError
+            If the server refuses (an ACL user without ``config|get``, a managed
+            service that renames CONFIG).
+        """
+        with self.errors(f"read config {name!r} of {self.node_name(node)}"):
+            reply = cast("dict[Any, Any]", node.config_get(name))
+        for key, value in reply.items():
+            if _text(key) == name:
+                return _text(value)
+        return None
+
+    def cluster_info(self, node: redis.Redis) -> dict[str, str]:
+        """``CLUSTER INFO`` as one node of a cluster sees it."""
+        with self.errors(f"read CLUSTER INFO of {self.node_name(node)}"):
+            reply = node.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+        if isinstance(reply, dict):  # redis-py parses it under some protocols
+            return {_text(k): _text(v) for k, v in reply.items()}
+        lines = _text(reply).splitlines()
+        pairs = (line.split(":", 1) for line in lines if ":" in line)
+        return {key.strip(): value.strip() for key, value in pairs}
+
     # -- the switch from redis:// (saved groups, legacy keys; see legacy.py) ---------
 
     def read_group(self, group_id: str) -> bytes | None:
@@ -754,13 +801,8 @@ class ResultStore:
         found = []
         with self.errors("read client counts"):
             for node in primaries(self.client):
-                pool = node.connection_pool
-                where = pool.connection_kwargs
-                name = where.get("path") or (
-                    f"{where['host']}:{where.get('port', 6379)}"
-                    if "host" in where
-                    else getattr(pool, "service_name", "server")  # Sentinel's master name
-                )
+                # A Sentinel's master moves: it is named by its name.
+                name = getattr(node.connection_pool, "service_name", None) or self.node_name(node)
                 info = node.info("clients")
                 found.append((str(name), {k: int(v) for k, v in info.items() if _whole(v)}))
         return found

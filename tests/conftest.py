@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -70,6 +71,23 @@ def worker(app: Celery) -> Iterator[Any]:
         yield w
 
 
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def wait_for_blocked_clients(r: redis.Redis, count: int, timeout: float = 10.0) -> None:
+    """Wait until at least ``count`` clients of ``r``'s server sit in a blocking command."""
+    wait_until(
+        lambda: r.info("clients")["blocked_clients"] >= count,
+        f"{count} clients are blocked",
+        timeout,
+    )
+
+
 def command_calls(r: redis.Redis) -> Counter[str]:
     """How often the server ran each command (INFO commandstats), inside scripts too."""
     stats = r.info("commandstats")
@@ -82,7 +100,6 @@ class Boom(Exception):
 
 def register_tasks(app: Celery) -> None:
     """The tasks every test app knows, defined per app so apps never share state."""
-    import time
 
     @app.task(shared=False, name="t.add")
     def add(x: int, y: int) -> int:
@@ -105,6 +122,11 @@ def register_tasks(app: Celery) -> None:
     def fail(message: str = "boom") -> None:
         raise Boom(message)
 
+    @app.task(shared=False, name="t.fail_later")
+    def fail_later(seconds: float, message: str = "boom") -> None:
+        time.sleep(seconds)
+        raise Boom(message)
+
     @app.task(shared=False, name="t.keyerror")
     def keyerror() -> None:
         raise KeyError("missing")
@@ -117,8 +139,11 @@ def register_tasks(app: Celery) -> None:
         return "finished"
 
     @app.task(shared=False, name="t.retry_once", bind=True, max_retries=3, default_retry_delay=0.1)
-    def retry_once(self: Any) -> str:
+    def retry_once(self: Any, go_key: str | None = None) -> str:
         if self.request.retries == 0:
+            if go_key:
+                # Retry only once the test says its waiter follows the states.
+                self.app.backend.client.blpop(go_key, timeout=10)
             raise self.retry(countdown=0.1)
         return f"retried {self.request.retries}"
 

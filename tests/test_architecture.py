@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"store"},
     {"waiting", "chords", "sweep", "tasks", "legacy"},
     {"stats"},
-    {"prometheus"},
+    {"prometheus", "doctor"},
     {"backend", "cli"},
     {"__init__"},
     {"testing.server"},

@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from celery import states
 from celery.bin.base import CLIContext
 from click.testing import CliRunner, Result
 
 from celery_perkey_backend.cli import perkey
-from celery_perkey_backend.testing import free_port
+from celery_perkey_backend.testing import EmbeddedServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,12 +132,27 @@ def test_inspect_shows_garbage_safely(app: Any, r: redis.Redis) -> None:
     assert "UNREADABLE" in shown.stdout
 
 
-def test_unreachable_server_is_one_masked_line(make_app: Any) -> None:
+COMMANDS = [["stats"], ["sweep"], ["sweep", "--dry-run"], ["inspect", "t1"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_unreachable_server_is_one_masked_line(make_app: Any, command: list[str]) -> None:
     app = make_app(backend=f"perkey://:hunter2@127.0.0.1:{free_port()}/0")
-    done = run(app, "stats")
+    done = run(app, *command)
     assert done.exit_code == 3
     assert "hunter2" not in done.output
     assert "127.0.0.1" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_wrong_password_is_one_masked_line(make_app: Any, command: list[str]) -> None:
+    with EmbeddedServer(args=["--requirepass", "right-secret"]) as guarded:
+        app = make_app(backend=f"perkey://:hunter2@127.0.0.1:{guarded.port}/0")
+        done = run(app, *command)
+    assert done.exit_code == 3
+    assert "hunter2" not in done.output
+    assert "refused access" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ from redis.crc import key_slot
 from celery_perkey_backend import BackendUnavailableError
 from celery_perkey_backend.testing import LocalCluster, LocalSentinel
 
-from .conftest import running_worker
+from .conftest import running_worker, wait_for_blocked_clients, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +101,7 @@ def test_a_wait_survives_a_slot_migration(capp: Any, cluster: LocalCluster) -> N
         target=lambda: outcome.append(capp.AsyncResult("moving").get(timeout=30))
     )
     waiter.start()
-    time.sleep(0.3)
+    wait_for_blocked_clients(cluster.client(source), 1)
     cluster.migrate_slot(slot, target)
     capp.backend.store_result("moving", "found after the move", states.SUCCESS)
     waiter.join(30)
@@ -136,9 +135,17 @@ def test_failover_during_a_wait_and_a_burst_of_stores(
 
     storer = threading.Thread(target=burst)
     storer.start()
-    time.sleep(0.3)
-    cluster.failover(cluster.primary_for_key(key))
-    time.sleep(0.3)
+    primary = cluster.primary_for_key(key)
+    wait_for_blocked_clients(cluster.client(primary), 1)
+    wait_until(lambda: len(acknowledged) >= 20, "the burst is under way")
+    cluster.failover(primary)
+    # The burst goes on across the failover until stores land on the new primary.
+    after = len(acknowledged)
+    wait_until(
+        lambda: len(acknowledged) >= after + 20 or not storer.is_alive(),
+        "stores are acknowledged after the failover",
+        60,
+    )
     stop.set()
     storer.join(60)
     app.backend.store_result("awaited", "after the failover", states.SUCCESS)
@@ -164,8 +171,8 @@ def test_sentinel_failover(make_app: Any) -> None:
             target=lambda: outcome.append(app.AsyncResult("during").get(timeout=60))
         )
         waiter.start()
-        time.sleep(0.3)
         old = sentinels.master_port()
+        wait_for_blocked_clients(sentinels.client(old), 1)
         new = sentinels.failover()
         assert new != old
         app.backend.store_result("during", "after the failover", states.SUCCESS)

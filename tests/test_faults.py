@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -15,6 +14,8 @@ from celery.exceptions import TimeoutError
 from celery_perkey_backend import BackendUnavailableError, CorruptResultError, StoreCommandError
 from celery_perkey_backend.testing import EmbeddedServer
 
+from .conftest import wait_for_blocked_clients, wait_until
+
 
 def test_wait_survives_a_server_restart(make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
     first = EmbeddedServer().start()
@@ -23,9 +24,9 @@ def test_wait_survives_a_server_restart(make_app: Any, caplog: pytest.LogCapture
     waiter = threading.Thread(target=lambda: got.append(app.AsyncResult("t1").get(timeout=20)))
     with caplog.at_level(logging.WARNING):
         waiter.start()
-        time.sleep(0.3)
+        wait_for_blocked_clients(redis.Redis(port=first.port), 1)
         first.stop()
-        time.sleep(0.5)
+        wait_until(lambda: _noticed(caplog), "the waiter noticed the lost connection")
         second = EmbeddedServer(port=first.port).start()
         try:
             app.backend.store_result("t1", "after restart", states.SUCCESS)
@@ -35,6 +36,10 @@ def test_wait_survives_a_server_restart(make_app: Any, caplog: pytest.LogCapture
     assert got == ["after restart"]
     lost = [rec for rec in caplog.records if "connection lost" in rec.getMessage()]
     assert len(lost) == 1
+
+
+def _noticed(caplog: pytest.LogCaptureFixture) -> bool:
+    return any("connection lost" in rec.getMessage() for rec in caplog.records)
 
 
 def test_wait_gives_up_after_retries_with_a_clear_error(make_app: Any) -> None:
@@ -54,7 +59,7 @@ def test_wait_gives_up_after_retries_with_a_clear_error(make_app: Any) -> None:
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    time.sleep(0.3)
+    wait_for_blocked_clients(redis.Redis(port=srv.port), 1)
     srv.stop()
     waiter.join(30)
     assert len(errors) == 1

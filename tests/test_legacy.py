@@ -159,7 +159,7 @@ def test_migrate_check_says_when_the_switch_is_done(
     r.set("celery-task-meta-garbage", b"\x00not a meta", ex=60)
     r.set("celery-taskset-meta-g1.s", 3, ex=60)  # a chord redis:// counts: never read
     waiting = run(app, "migrate", "--check")
-    assert waiting.exit_code == 6, waiting.output
+    assert waiting.exit_code == 7, waiting.output
     assert "in flight: 4 key(s) of redis:// left" in waiting.stdout
     assert "1 task(s) still running" in waiting.stdout
     assert "3 never expire" in waiting.stdout
@@ -175,7 +175,7 @@ def test_migrate_check_says_when_the_switch_is_done(
     assert 0 < report["last_expiry_s"] <= 60
     # The fallback being off does not hide them: they are what it would have read.
     off = run(make_app(perkey_legacy_fallback=False), "migrate", "--check")
-    assert off.exit_code == 6
+    assert off.exit_code == 7
     assert "read as PENDING" in off.stdout
     # TTL-less keys get one; keys with a TTL keep theirs. Then they expire, for real.
     given = json.loads(run(app, "migrate", "--expire-legacy", "1s", "--json").stdout)
@@ -184,7 +184,7 @@ def test_migrate_check_says_when_the_switch_is_done(
     r.delete("celery-task-meta-garbage", "celery-taskset-meta-g1.s")
     deadline = time.monotonic() + 30
     while (last := run(app, "migrate", "--check")).exit_code != 0:
-        assert last.exit_code == 6, last.output
+        assert last.exit_code == 7, last.output
         assert time.monotonic() < deadline, last.stdout
         time.sleep(0.2)
     assert r.dbsize() == 0

@@ -156,7 +156,7 @@ def test_the_checklist_with_real_workers_loses_no_result(
         assert stats["legacy_keys"]["task"] > 0
         assert stats["legacy_keys"]["group"] == 1
         check = run(client, "migrate", "--check")
-        assert check.exit_code == 6, check.output
+        assert check.exit_code == 7, check.output
         _until(
             lambda: run(client, "migrate", "--check").exit_code == 0,
             "the legacy keys to expire",

@@ -17,6 +17,7 @@ from celery.exceptions import TimeoutError
 from celery_perkey_backend import BackendUnavailableError
 from celery_perkey_backend.testing import EmbeddedServer
 
+from .conftest import wait_for_blocked_clients, wait_until
 from .netproxy import Proxy
 
 
@@ -46,9 +47,12 @@ def test_restart_during_a_wait(
     app.backend.store_result("before", "kept", states.SUCCESS)
     with caplog.at_level(logging.WARNING):
         thread, outcome = _waiter(app, "after", timeout=20)
-        time.sleep(0.3)
+        wait_for_blocked_clients(redis.Redis(port=first.port), 1)
         first.stop()
-        time.sleep(0.5)
+        wait_until(
+            lambda: any("connection lost" in rec.getMessage() for rec in caplog.records),
+            "the waiter noticed the restart",
+        )
         second = EmbeddedServer(args=args, port=first.port, directory=tmp_path).start()
         try:
             app.backend.store_result("after", "stored after the restart", states.SUCCESS)
@@ -67,11 +71,11 @@ def test_deadline_holds_while_the_server_is_down(make_app: Any) -> None:
     app = make_app(backend=f"perkey://127.0.0.1:{server.port}/0")
     app.backend.store_result("warm", 1, states.SUCCESS)
     thread, outcome = _waiter(app, "t1", timeout=1.5)
-    time.sleep(0.2)
+    wait_for_blocked_clients(redis.Redis(port=server.port), 1)
     server.stop()
     thread.join(10)
     assert isinstance(outcome[0], TimeoutError)
-    assert outcome[1] < 1.5 + 1.0
+    assert outcome[1] < 1.5 + 3
 
 
 @pytest.fixture
@@ -89,12 +93,11 @@ def proxied(make_app: Any, server: EmbeddedServer, r: redis.Redis) -> Iterator[t
     proxy.close()
 
 
-def test_a_wait_resumes_after_the_link_is_cut(proxied: tuple[Proxy, Any]) -> None:
+def test_a_wait_resumes_after_the_link_is_cut(proxied: tuple[Proxy, Any], r: redis.Redis) -> None:
     proxy, app = proxied
     thread, outcome = _waiter(app, "t1", timeout=15)
-    time.sleep(0.3)
+    wait_for_blocked_clients(r, 1)
     proxy.cut()
-    time.sleep(0.2)
     app.backend.store_result("t1", "after the cut", states.SUCCESS)
     thread.join(15)
     assert outcome[0] == "after the cut"
@@ -108,8 +111,8 @@ def test_a_blackholed_link_cannot_hold_a_wait_past_its_deadline(
     proxy.blackholed = True
     thread, outcome = _waiter(app, "t1", timeout=1.0)
     thread.join(15)
-    assert isinstance(outcome[0], TimeoutError | BackendUnavailableError)
-    assert outcome[1] < 1.0 + 1.5
+    assert isinstance(outcome[0], TimeoutError)
+    assert outcome[1] < 1.0 + 3
     proxy.blackholed = False
     proxy.cut()
     app.backend.store_result("t1", "healed", states.SUCCESS)

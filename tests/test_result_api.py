@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from celery import states
 from celery.exceptions import TimeoutError
+from celery.signals import task_postrun
 
-from .conftest import Boom, running_worker
+from .conftest import Boom, running_worker, wait_until
 
 
 def test_get_ready_successful_and_state(app: Any, worker: Any) -> None:
@@ -87,19 +88,36 @@ def test_result_extended(make_app: Any) -> None:
     assert fresh.queue == "celery"
 
 
-def test_retry_is_visible_and_does_not_end_the_wait(app: Any, worker: Any) -> None:
+def test_retry_is_visible_and_does_not_end_the_wait(app: Any, worker: Any, r: Any) -> None:
     seen: list[str] = []
-    result = app.tasks["t.retry_once"].delay()
-    assert result.get(timeout=10, on_message=lambda m: seen.append(m["status"])) == "retried 1"
+    go_key = "test:retry-go"
+
+    def on_message(meta: dict[str, Any]) -> None:
+        seen.append(meta["status"])
+        r.rpush(go_key, "go")  # the task retries only once the wait follows it
+
+    result = app.tasks["t.retry_once"].delay(go_key)
+    assert result.get(timeout=15, on_message=on_message) == "retried 1"
     assert seen[-1] == states.SUCCESS
-    assert states.RETRY in seen or states.STARTED in seen
+    assert states.RETRY in seen
 
 
 def test_ignore_result(app: Any, worker: Any, r: Any) -> None:
-    result = app.tasks["t.quiet"].delay()
-    assert result.get(timeout=1) is None
-    time.sleep(0.3)
+    finished: set[str] = set()
+
+    def on_postrun(task_id: str | None = None, **kwargs: Any) -> None:
+        finished.add(str(task_id))
+
+    # task_postrun comes after the worker would have stored a result.
+    task_postrun.connect(on_postrun, weak=False)
+    try:
+        result = app.tasks["t.quiet"].delay()
+        assert result.get(timeout=1) is None
+        wait_until(lambda: result.id in finished, "the task has run")
+    finally:
+        task_postrun.disconnect(on_postrun)
     assert not r.keys(app.backend.layout.result("*"))
+    assert not r.keys(app.backend.layout.progress("*"))
 
 
 def test_forget(app: Any, worker: Any, r: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import tracemalloc
 from typing import Any
 
@@ -15,6 +14,8 @@ from celery_perkey_backend import ConfigurationError
 from celery_perkey_backend.settings import parse_duration
 from celery_perkey_backend.sweep import SweepSummary, sweep
 from celery_perkey_backend.testing import EmbeddedServer
+
+from .conftest import wait_until
 
 
 def _old(r: redis.Redis, key: str, age_s: float, ttl: int | None = None, letter: str = "S") -> None:
@@ -133,12 +134,17 @@ def test_two_sweeps_at_once_only_one_runs(no_ttl_app: Any, r: redis.Redis) -> No
     for i in range(40):
         backend.store_result(f"t{i}", i, states.SUCCESS)
     results: list[SweepSummary] = []
-    first = threading.Thread(
-        target=lambda: results.append(sweep(backend, batch_size=2, pause=0.02))
-    )
+    sweeping, second_done = threading.Event(), threading.Event()
+
+    def hold(scanned: int, total: int) -> None:
+        sweeping.set()  # the first sweep holds the lock here...
+        second_done.wait(10)  # ...until the second has tried
+
+    first = threading.Thread(target=lambda: results.append(sweep(backend, progress=hold)))
     first.start()
-    time.sleep(0.1)
+    assert sweeping.wait(10)
     second = sweep(backend)
+    second_done.set()
     first.join(10)
     assert second.skipped_locked
     assert second.scanned == 0
@@ -152,7 +158,7 @@ def test_a_crashed_sweepers_lock_expires(no_ttl_app: Any, r: redis.Redis) -> Non
     backend.store_result("t1", 1, states.SUCCESS)
     r.set(backend.layout.sweep_lock, "crashed-sweeper", px=300)
     assert sweep(backend).skipped_locked
-    time.sleep(0.4)
+    wait_until(lambda: not r.exists(backend.layout.sweep_lock), "the lock expired")
     assert sweep(backend).ttl_set == 1
 
 
