@@ -213,3 +213,24 @@ def test_on_message_sees_a_legacy_result_written_during_the_wait(
     seen: list[Any] = []
     assert app.AsyncResult("t1").get(timeout=10, on_message=seen.append) == "old worker"
     assert [m["status"] for m in seen] == ["PROGRESS", states.SUCCESS]
+
+
+def test_on_message_sees_a_legacy_key_that_appears_after_the_wait_began(
+    old_app: Any, make_app: Any, r: redis.Redis
+) -> None:
+    """The task had not started when the wait began: no key of either kind yet."""
+    app = make_app(redis_socket_timeout=0.5)
+    seen: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: seen.append(app.AsyncResult("late").get(timeout=10, on_message=seen.append))
+    )
+    waiter.start()
+    # The wait's first read makes the task's (empty) progress stream: it has begun.
+    deadline = time.monotonic() + 10
+    while not r.exists(app.backend.layout.progress("late")):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    old_app.backend.store_result("late", "old worker", states.SUCCESS)
+    waiter.join(15)
+    assert seen[-1] == "old worker"
+    assert [m["status"] for m in seen[:-1]][-1] == states.SUCCESS

@@ -22,18 +22,35 @@ from .conftest import running_worker
 from .processes import celery_worker, stop
 from .test_cli import run
 
+_redis_apps: list[Any] = []
+
 
 @pytest.fixture(autouse=True)
-def _collect_redis_results() -> Iterator[None]:
-    """redis:// result objects unsubscribe when collected: let them, while the server runs."""
+def _no_subscription_left(server: Any) -> Iterator[None]:
+    """redis:// clients subscribe while they wait: close their subscriptions, so that no
+    later test (which may count the server's channels) sees them."""
     yield
+    while _redis_apps:
+        _redis_apps.pop().backend.result_consumer.stop()
     gc.collect()
+    plain = redis.Redis(port=server.port)
+    deadline = time.monotonic() + 10
+    while plain.pubsub_channels():
+        assert time.monotonic() < deadline, "a redis:// subscription outlived its test"
+        time.sleep(0.05)
+    plain.close()
+
+
+def _redis_app(make_app: Any, server: Any, **conf: Any) -> Any:
+    """A client or worker still on Celery's redis:// backend, on the same server."""
+    app = make_app(backend=f"redis://127.0.0.1:{server.port}/0", **conf)
+    _redis_apps.append(app)
+    return app
 
 
 @pytest.fixture
 def old_app(make_app: Any, server: Any) -> Any:
-    """A client or worker still on Celery's redis:// backend, on the same server."""
-    return make_app(backend=f"redis://127.0.0.1:{server.port}/0")
+    return _redis_app(make_app, server)
 
 
 def _until(condition: Any, what: str, seconds: float = 30.0) -> None:
@@ -115,7 +132,7 @@ def test_the_checklist_with_real_workers_loses_no_result(
     old_env = {"PERKEY_TEST_BACKEND": legacy, "PERKEY_TEST_RESULT_EXPIRES": str(ttl)}
     prefork = ("--pool=prefork", "--concurrency=2")
     expected: dict[str, Any] = {}
-    old_client = make_app(backend=legacy, result_expires=ttl)
+    old_client = _redis_app(make_app, server, result_expires=ttl)
     old_worker = celery_worker(server, old_env, *prefork)
     new_worker = None
     try:
