@@ -22,16 +22,13 @@ from .conftest import running_worker
 from .processes import celery_worker, stop
 from .test_cli import run
 
-_redis_apps: list[Any] = []
-
 
 @pytest.fixture(autouse=True)
 def _no_subscription_left(server: Any) -> Iterator[None]:
-    """redis:// clients subscribe while they wait: close their subscriptions, so that no
-    later test (which may count the server's channels) sees them."""
+    """redis:// clients subscribe while they wait, and keep the channel of a task that
+    never got ready: the tests cancel those, and no later test (which may count the
+    server's channels) sees one."""
     yield
-    while _redis_apps:
-        _redis_apps.pop().backend.result_consumer.stop()
     gc.collect()
     plain = redis.Redis(port=server.port)
     deadline = time.monotonic() + 10
@@ -41,11 +38,14 @@ def _no_subscription_left(server: Any) -> Iterator[None]:
     plain.close()
 
 
+def _never_ready(result: Any) -> None:
+    """A redis:// client gives up on a result: drop its subscription."""
+    result.backend.result_consumer.cancel_for(result.id)
+
+
 def _redis_app(make_app: Any, server: Any, **conf: Any) -> Any:
     """A client or worker still on Celery's redis:// backend, on the same server."""
-    app = make_app(backend=f"redis://127.0.0.1:{server.port}/0", **conf)
-    _redis_apps.append(app)
-    return app
+    return make_app(backend=f"redis://127.0.0.1:{server.port}/0", **conf)
 
 
 @pytest.fixture
@@ -67,6 +67,7 @@ def test_workers_first_leaves_redis_clients_waiting(old_app: Any, app: Any, r: r
         _until(lambda: r.exists(app.backend.layout.result(result.id)), "the perkey result")
         with pytest.raises(TimeoutError):
             result.get(timeout=1)
+        _never_ready(result)
         assert result.state == states.PENDING
         # The result is there, for a client that has switched.
         assert app.AsyncResult(result.id).get(timeout=1) == 3
@@ -119,8 +120,10 @@ def test_rollback_workers_first_then_clients(old_app: Any, make_app: Any, r: red
         assert old_app.AsyncResult(during.id).get(timeout=5) == 6
         # What perkey workers stored stays in perkey keys: out of redis://'s reach.
         assert old_app.AsyncResult(before.id).state == states.PENDING
+        lost = old_app.AsyncResult(before.id)
         with pytest.raises(TimeoutError):
-            old_app.AsyncResult(before.id).get(timeout=1)
+            lost.get(timeout=1)
+        _never_ready(lost)
         assert app.AsyncResult(before.id).get(timeout=1) == 2
 
 
