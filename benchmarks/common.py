@@ -165,7 +165,7 @@ LABELS = {
     "rpc": "rpc:// (RabbitMQ)",
     "sqlite": "db+sqlite://",
     "raw": "raw redis-py (floor)",
-    "perkey-tracked": "perkey:// + STARTED",
+    "perkey-tracked": "perkey:// running (STARTED)",
 }
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"

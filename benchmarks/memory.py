@@ -38,7 +38,8 @@ def _key_of(app_backend: object, task_id: str) -> str:
 
 
 def _measure(client: redis.Redis, spec: BackendSpec, n: int, tracked: bool) -> tuple[float, float]:
-    """Bytes per result and MEMORY USAGE of one result key (plus its stream if tracked)."""
+    """Bytes per task and MEMORY USAGE of one task's key: its ready result, or with
+    ``tracked`` its intermediate state while it runs (STARTED, ``task_track_started``)."""
     app = make_app(spec)
     try:
         backend = app.backend
@@ -51,12 +52,12 @@ def _measure(client: redis.Redis, spec: BackendSpec, n: int, tracked: bool) -> t
             last = new_id()
             if tracked:
                 backend.store_result(last, {"pid": 4242, "hostname": "worker@host"}, "STARTED")
-            store_one(app, spec, last)
+            else:
+                store_one(app, spec, last)
         after = int(client.info("memory")["used_memory"])
-        usage = client.memory_usage(_key_of(backend, last), samples=0) or 0
-        if tracked:
-            usage += client.memory_usage(backend.layout.progress(last), samples=0) or 0
-        if client.dbsize() != (2 * n if tracked else n):
+        key = backend.layout.state(last) if tracked else _key_of(backend, last)
+        usage = client.memory_usage(key, samples=0) or 0
+        if client.dbsize() != n:
             raise RuntimeError(f"{spec.name}: {client.dbsize()} keys after {n} stores")
         client.flushall()
         return (after - before) / n, float(usage)

@@ -34,7 +34,7 @@ from .tasks import register_sweep_task
 from .urls import mask_url
 from .waiting import PARENT_CHECK, Waiter
 
-__all__ = ["PREFETCH_LIMIT", "PerkeyBackend"]
+__all__ = ["PREFETCH_LIMIT", "JoinPrefetch", "PerkeyBackend"]
 
 Meta = dict[str, Any]
 
@@ -44,6 +44,32 @@ PREFETCH_LIMIT = 5000
 
 def _ms(seconds: float | None) -> int:
     return int(seconds * 1000) if seconds and seconds > 0 else 0
+
+
+class JoinPrefetch:
+    """The results one thread's callers hold but have not collected yet (a result set
+    registers its members through ``then()``), so that the first ``get()`` of a
+    ``join()`` reads them all in one round trip. Only SUCCESSes are kept for later:
+    they are final, so they cannot go stale."""
+
+    def __init__(self) -> None:
+        self.pending: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+        self.kept: dict[str, Meta] = {}
+
+    def others(self, task_id: str) -> list[str]:
+        """The other pending ids, at most :data:`PREFETCH_LIMIT` with ``task_id``; what
+        was kept for ids no longer pending goes."""
+        others = [tid for tid in list(self.pending.keys()) if tid != task_id]
+        for stale in set(self.kept) - set(others) - {task_id}:
+            del self.kept[stale]
+        return others[: PREFETCH_LIMIT - 1]
+
+    def keep(self, task_id: str, found: dict[str, Meta]) -> Meta | None:
+        """Keep the SUCCESSes among ``found`` for later; ``task_id``'s meta, if found."""
+        for tid, meta in found.items():
+            if tid != task_id and meta["status"] == states.SUCCESS:
+                self.kept[tid] = meta
+        return found.get(task_id)
 
 
 class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
@@ -79,12 +105,9 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self.max_retries = 0
         self.url = url
         self.store = ResultStore(settings, *fallbacks(settings))
-        self.waiter = Waiter(self.store)
+        self.waiter = Waiter(self.store, multiplex=settings.multiplexed)
         self.chords = ChordCoordinator(self.store, self)
-        # Results this thread's callers hold but have not collected yet (a GroupResult
-        # registers its members), so one pipelined read can serve a whole join().
-        self._pending: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-        self._prefetched: dict[str, Meta] = {}
+        self.prefetch = JoinPrefetch()
         register_sweep_task(self.app)
 
     @property
@@ -119,11 +142,12 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def run_sweep(
         self, progress: Callable[[int, int], None] | None = None, **options: Any
     ) -> SweepSummary:
-        """Sweep, then record it for Prometheus if export is configured.
+        """Sweep, repairing stalled chords (the chord coordinator publishes their bodies),
+        then record it for Prometheus if export is configured.
 
         Every entry point uses this: :meth:`cleanup`, the sweep task and the CLI.
         """
-        return sweep_and_publish(self.store, progress, **options)
+        return sweep_and_publish(self.store, progress, repair=self.chords.repair, **options)
 
     def stats(self, sample_limit: int = 100_000) -> KeyStats:
         """Key metrics: counts by kind, TTL histogram, TTL-less keys, sampled sizes."""
@@ -194,11 +218,14 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             settings.failure_expires_s if state == states.FAILURE else settings.result_expires_s
         )
         letter = READY_LETTERS.get(state, "") if state in states.READY_STATES else ""
+        if request is not None:
+            # A chord part counts before its result is stored: see chords.py.
+            self.chords.part_stored(request, state, result)
         self.store.write(task_id, letter, payload, _ms(expires))
         return result
 
     def _forget(self, task_id: str) -> None:
-        self._prefetched.pop(str(task_id), None)
+        self.prefetch.kept.pop(str(task_id), None)
         self.store.forget(str(task_id))
 
     # -- reading ----------------------------------------------------------------------
@@ -214,7 +241,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         """
         try:
             payload = record.payload
-            if record.kind == "ready":
+            if record.kind != "fallback":
                 payload = parse_ready(payload).payload
             meta = self.decode(payload)
             if not isinstance(meta, dict) or "status" not in meta:
@@ -225,7 +252,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             reason = f"{type(exc).__name__}: {exc}"
             raise CorruptResultError(record.task_id, record.key, reason) from exc
 
-    def _final(self, record: Record) -> Meta | None:
+    def final(self, record: Record) -> Meta | None:
         """The meta of a ready result; ``None`` for a fallback key's unready state."""
         meta = self.decode_record(record)
         if record.kind == "fallback" and meta["status"] not in states.READY_STATES:
@@ -245,7 +272,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         """Every ready result among ``task_ids``, in one round trip (per node)."""
         found = {}
         for task_id, record in self.store.read_ready(task_ids, consume).items():
-            meta = self._final(record)
+            meta = self.final(record)
             if meta is not None:
                 found[task_id] = meta
         return found
@@ -255,11 +282,11 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def add_pending_result(self, result: Any, weak: bool = False) -> Any:
         result_id = getattr(result, "id", None)
         if result_id is not None and not hasattr(result, "results"):
-            self._pending[str(result_id)] = result
+            self.prefetch.pending[str(result_id)] = result
         return result
 
     def remove_pending_result(self, result: Any) -> Any:
-        self._pending.pop(str(result.id), None)
+        self.prefetch.pending.pop(str(result.id), None)
         return result
 
     def wait_for_pending(
@@ -292,6 +319,17 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
                 meta = self._wait_ready(task_id, Deadline(timeout), on_interval, cap)
         finally:
             self.remove_pending_result(result)
+        return self.settle(result, meta, propagate, callback)
+
+    def settle(
+        self,
+        result: Any,
+        meta: Meta,
+        propagate: bool = True,
+        callback: Callable[..., Any] | None = None,
+    ) -> Any:
+        """Give ``result`` its final meta, and answer as ``get()`` does: the value, or
+        the task's exception (raised with ``propagate``)."""
         result._maybe_set_cache(meta)
         return result.maybe_throw(propagate=propagate, callback=callback)
 
@@ -308,24 +346,6 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self._ensure_not_eager()
         return self._wait_ready(str(task_id), Deadline(timeout), on_interval)
 
-    def _prefetch(self, task_id: str) -> Meta | None:
-        """Read ``task_id`` together with the other pending results of this thread.
-
-        A ``join()`` then costs one round trip for everything already stored. Only a
-        SUCCESS is kept for later: it is final, so it cannot go stale.
-        """
-        prefetched = self._prefetched.pop(task_id, None)
-        if prefetched is not None:
-            return prefetched
-        others = [tid for tid in list(self._pending.keys()) if tid != task_id]
-        for stale in set(self._prefetched) - set(others):
-            del self._prefetched[stale]
-        found = self._fetch_ready([task_id, *others[: PREFETCH_LIMIT - 1]], consume=False)
-        for tid, meta in found.items():
-            if tid != task_id and meta["status"] == states.SUCCESS:
-                self._prefetched[tid] = meta
-        return found.get(task_id)
-
     def _wait_ready(
         self,
         task_id: str,
@@ -334,17 +354,23 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         cap: float | None = None,
     ) -> Meta:
         read_once = self.settings.read_once
+        others = [] if read_once else self.prefetch.others(task_id)
 
         def first() -> Meta | None:
-            if read_once:
-                return self._fetch_ready([task_id], consume=True).get(task_id)
-            return self._prefetch(task_id)
+            kept = self.prefetch.kept.pop(task_id, None)
+            if kept is not None:
+                return kept
+            found = self._fetch_ready([task_id, *others], consume=read_once)
+            return self.prefetch.keep(task_id, found)
 
+        # Through the multiplexer, registering reads the task too: read first only to
+        # serve a join (this thread waits on several results) in one round trip.
+        alone = not others and task_id not in self.prefetch.kept
         return self.waiter.until_ready(
             task_id,
             deadline,
-            self._final,
-            first=first,
+            self.final,
+            first=None if self.waiter.multiplex and alone else first,
             consume=read_once,
             on_step=on_interval,
             cap=cap,
@@ -371,7 +397,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             [tid for tid in ids if tid not in self._cache],
             Deadline(timeout),
             functools.partial(self._fetch_ready, consume=read_once),
-            self._final,
+            self.final,
             consume=read_once,
             on_step=on_interval,
             cap=PARENT_CHECK if on_interval is not None else None,
@@ -391,7 +417,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self.chords.add(group_id)
 
     def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
-        self.chords.save_header(header_result_args)
+        self.chords.start(header_result_args, body)
 
     def on_chord_part_return(
         self, request: Any, state: str, result: Any, propagate: Any = None, **kwargs: Any

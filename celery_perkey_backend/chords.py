@@ -1,8 +1,20 @@
-"""Chords: counting a chord's header results and publishing its body, once.
+"""Chords: counting a chord's header results and publishing its body, at least once.
 
-Each header task that returns records its result with one script on the chord's own
-keys (all in the group's hash slot); the call that completes the count claims the body,
-publishes it, then marks the chord done so that a late duplicate cannot start it again.
+Each header task's result is counted, once, by one script on the chord's own keys (all
+in the group's hash slot), *before* the result itself is stored: Celery acknowledges a
+task whose worker died after storing its result, so that task is never run again, and
+its part must already count. The call that completes the count claims the body with a
+deadline, builds its arguments, records "publishing", publishes it, then records it
+published ("done"), so that a late duplicate cannot start it again.
+
+A claimer can die at any of these steps. Past the claim's deadline, a redelivered
+header task or the sweep (:meth:`ChordCoordinator.repair`) takes the claim over: at
+once when the claimer never recorded "publishing" (the body was never sent), and after
+looking for the body's result or progress when it had (the body may be in the broker).
+So a body is published at least once, and twice only when its publisher died between
+the broker accepting it and the backend recording it, and the body left no trace before
+the takeover.
+
 This is Celery's protocol over the store's chord primitives: it encodes and decodes
 through the Celery backend it serves, and never touches Redis itself.
 """
@@ -19,15 +31,32 @@ from celery.exceptions import ChordError
 from celery.result import GroupResult, allow_join_result
 
 from .errors import quote_id
-from .store import ResultStore
+from .store import ChordTally, ResultStore
 
-__all__ = ["ChordCoordinator"]
+__all__ = ["ChordCoordinator", "body_task_ids"]
 
 logger = logging.getLogger("celery_perkey_backend")
 
 
 def _ms(seconds: float | None) -> int:
     return int(seconds * 1000) if seconds and seconds > 0 else 0
+
+
+def body_task_ids(signature: Any) -> list[str]:
+    """The ids whose result or progress shows that a published body has run.
+
+    A task's own id; every member of a group; a chain's first task; a chord's header
+    tasks. Empty when none is known (then nothing can show it).
+    """
+    signature = maybe_signature(signature)
+    kind = signature.get("subtask_type")
+    tasks = getattr(signature, "tasks", None) or ()
+    if kind in ("group", "chord"):
+        return [tid for task in tasks for tid in body_task_ids(task)]
+    if kind == "chain":
+        return body_task_ids(tasks[0]) if tasks else []
+    task_id = signature.options.get("task_id")
+    return [str(task_id)] if task_id else []
 
 
 class ChordCoordinator:
@@ -45,22 +74,40 @@ class ChordCoordinator:
         self.store = store
         self.backend = backend
 
+    @property
+    def _claim_ttl_ms(self) -> int:
+        return max(1, int(self.store.settings.chord_claim_ttl_s * 1000))
+
+    @property
+    def _marker_ttl_ms(self) -> int:
+        return max(self._claim_ttl_ms * 2, 300_000)
+
     def set_size(self, group_id: str, size: int) -> None:
         self.store.chord_size(group_id, int(size), _ms(self.store.settings.chord_expires_s))
 
     def add(self, group_id: str) -> None:
         self.store.chord_add(group_id)
 
-    def save_header(self, header_result_args: Any) -> None:
-        """Save a header that holds groups, so it is joined with its structure intact.
+    def start(self, header_result_args: Any, body: Any) -> None:
+        """Keep what a repair needs: the body, and a header that holds groups.
 
-        A flat header is rebuilt from the chord's own list instead.
+        The body is kept as its task id and signature, so that the sweep can publish it
+        (or fail it) when every worker that could have done so died. A flat header is
+        rebuilt from the chord's own list; one that holds groups is saved, so that it is
+        joined with its structure intact.
         """
+        backend = self.backend
+        group_id = str(header_result_args[0])
+        body_id = body.id if body is not None else None
+        try:
+            payload = backend.encode({"id": body_id, "signature": dict(body)})
+        except Exception as exc:  # a signature the result serializer cannot carry
+            payload = backend.encode({"id": body_id, "signature": None, "error": repr(exc)})
+        self.store.chord_save_body(group_id, payload, _ms(self.store.settings.chord_expires_s))
         # Celery hands a plain list, or for a generator header a lazy list subclass that
         # reading here would consume before the header is sent.
         if type(header_result_args[1]) is not list:
             return
-        backend = self.backend
         header = backend.app.GroupResult(*header_result_args)
         if any(isinstance(member, GroupResult) for member in header.results):
             self.store.set(
@@ -70,42 +117,171 @@ class ChordCoordinator:
                 what=f"save chord header {quote_id(header.id)}",
             )
 
+    # -- header results ---------------------------------------------------------------
+
+    def part_stored(self, request: Any, state: str, result: Any) -> None:
+        """Count a header result just before it is stored (``_store_result``)."""
+        if state in states.READY_STATES:
+            self._record(request, state, result, take=False)
+
     def part_returned(self, request: Any, state: str, result: Any) -> None:
         """Count one header result; the call that completes the chord runs its body."""
-        task_id, group_id = request.id, request.group
-        if not task_id or not group_id:
+        token = uuid.uuid4().hex
+        tally = self._record(request, state, result, take=True, token=token)
+        if tally is None or not (tally.claimed or tally.stale is not None):
             return
+        group_id = request.group
+        callback = maybe_signature(request.chord, app=self.backend.app)
+        if tally.stale is not None and not self._take_over(group_id, callback, tally.stale, token):
+            return
+        self._dispatch(group_id, callback, token, tally.total)
+
+    def _record(
+        self, request: Any, state: str, result: Any, take: bool, token: str = ""
+    ) -> ChordTally | None:
+        task_id, group_id = request.id, request.group
+        if not task_id or not group_id or not getattr(request, "chord", None):
+            return None
         backend, settings = self.backend, self.store.settings
         index = "+inf" if request.group_index is None else request.group_index
         value = backend.encode([1, task_id, state, backend.encode_result(result, state)])
-        claim_ttl_ms = max(5000, int(settings.chord_join_timeout_s * 2) * 1000)
-        token = uuid.uuid4().hex
-        tally = self.store.chord_part(
+        return self.store.chord_part(
             group_id,
             task_id,
             value,
             index,
             _ms(settings.chord_expires_s),
             _ms(settings.chord_result_expires_s),
-            claim_ttl_ms,
-            token,
+            self._claim_ttl_ms,
+            token or uuid.uuid4().hex,
+            take=take,
         )
-        if not tally.claimed:
-            return
-        callback = maybe_signature(request.chord, app=backend.app)
+
+    # -- publishing the body ----------------------------------------------------------
+
+    def _dispatch(self, group_id: str, callback: Any, token: str, total: int) -> str:
+        """Build the body's arguments and publish it under ``token``'s claim.
+
+        Returns ``"published"``, ``"failed"`` (a ChordError was stored as the body's
+        result) or ``"lost"`` (another worker took the claim over meanwhile).
+        """
+        backend = self.backend
+        error: ChordError | None = None
+        values: list[Any] = []
         try:
-            values = self._header_values(group_id, tally.total)
+            values = self._header_values(group_id, total)
+        except ChordError as exc:
+            error = exc
+        except Exception as exc:
+            error = ChordError(f"Join error: {exc!r}")
+            error.__cause__ = exc
+        if not self.store.chord_publishing(group_id, token, self._claim_ttl_ms):
+            logger.warning("Chord %r: another worker took over its body; leaving it", group_id)
+            return "lost"
+        # Celery's chord_error_from_stack reads sys.exc_info(): call it while handling.
+        try:
+            if error is not None:
+                raise error
             callback.delay(values)
+            return "published"
         except ChordError as exc:
             logger.exception("Chord %r raised: %r", group_id, exc)
             backend.chord_error_from_stack(callback, exc)
+            return "failed"
         except Exception as exc:
             logger.exception("Chord %r raised: %r", group_id, exc)
-            error = ChordError(f"Join error: {exc!r}")
-            error.__cause__ = exc
-            backend.chord_error_from_stack(callback, error)
+            failure = ChordError(f"Join error: {exc!r}")
+            failure.__cause__ = exc
+            backend.chord_error_from_stack(callback, failure)
+            return "failed"
         finally:
-            self.store.chord_done(group_id, token, max(claim_ttl_ms * 2, 300_000))
+            if not self.store.chord_done(group_id, token, self._marker_ttl_ms):
+                logger.warning(
+                    "Chord %r: another worker took over while this one published the "
+                    "body, which may run twice",
+                    group_id,
+                )
+
+    def _take_over(self, group_id: str, callback: Any, seen: bytes, token: str) -> bool:
+        """Take over a claimer that died while publishing; True if the body must go out.
+
+        If the body left a trace (a result, or progress such as STARTED), it was
+        published: record it so, and publish nothing.
+        """
+        store = self.store
+        if self._body_has_run(callback):
+            if store.chord_take_over(group_id, seen, token, self._claim_ttl_ms):
+                store.chord_done(group_id, token, self._marker_ttl_ms)
+            logger.info("Chord %r: its body had been published; recorded it", group_id)
+            return False
+        if not store.chord_take_over(group_id, seen, token, self._claim_ttl_ms):
+            return False
+        logger.warning(
+            "Chord %r: the worker publishing its body died; publishing it again", group_id
+        )
+        return True
+
+    def _body_has_run(self, callback: Any) -> bool:
+        return any(self.store.read_state(tid) is not None for tid in body_task_ids(callback))
+
+    def repair(self, group_id: str) -> str:
+        """Publish the body of a stalled chord, or fail it.
+
+        Stalled: its header is complete, its body not marked published, and its
+        claim past the deadline. The sweep calls this for each stalled chord it finds.
+
+        Returns
+        -------
+        str
+            ``"repaired"`` the body was published; ``"settled"`` it had been (its
+            result or progress exists) and is now recorded so; ``"failed"`` a
+            ``ChordError`` was stored as its result (it cannot be built); ``"skipped"``
+            the chord was not stalled after all (another worker got there first).
+        """
+        store, token = self.store, uuid.uuid4().hex
+        stall = store.chord_reclaim(group_id, token, self._claim_ttl_ms)
+        if stall.verdict not in ("C", "P"):
+            return "skipped"
+        body_id, callback, why = self._stored_body(group_id)
+        if stall.verdict == "P" and stall.seen is not None:
+            if callback is not None and self._body_has_run(callback):
+                if store.chord_take_over(group_id, stall.seen, token, self._claim_ttl_ms):
+                    store.chord_done(group_id, token, self._marker_ttl_ms)
+                    return "settled"
+                return "skipped"
+            if not store.chord_take_over(group_id, stall.seen, token, self._claim_ttl_ms):
+                return "skipped"
+        if callback is None:
+            return self._fail_unbuildable(group_id, body_id, why, token)
+        logger.warning("Chord %r stalled; the sweep publishes its body", group_id)
+        outcome = self._dispatch(group_id, callback, token, stall.total)
+        return {"published": "repaired", "lost": "skipped"}.get(outcome, outcome)
+
+    def _stored_body(self, group_id: str) -> tuple[str | None, Any, str]:
+        """The body's id and signature as :meth:`start` kept them, or why they cannot be."""
+        raw = self.store.chord_body(group_id)
+        if raw is None:
+            return None, None, "its body was not stored"
+        try:
+            kept = self.backend.decode(raw)
+            body_id = kept.get("id")
+            if kept.get("signature") is None:
+                return body_id, None, f"its body could not be stored: {kept.get('error')}"
+            return body_id, maybe_signature(kept["signature"], app=self.backend.app), ""
+        except Exception as exc:
+            return None, None, f"its stored body cannot be read: {exc!r}"
+
+    def _fail_unbuildable(self, group_id: str, body_id: str | None, why: str, token: str) -> str:
+        try:
+            raise ChordError(f"Chord {group_id!r} stalled and {why}; its body cannot be built")
+        except ChordError as error:  # fail_from_current_stack reads sys.exc_info()
+            logger.exception("%s", error)
+            if body_id:
+                self.backend.fail_from_current_stack(body_id, exc=error)
+        self.store.chord_done(group_id, token, self._marker_ttl_ms)
+        return "failed"
+
+    # -- the body's arguments ---------------------------------------------------------
 
     def _header_values(self, group_id: str, total: int) -> list[Any]:
         backend = self.backend

@@ -103,6 +103,7 @@ def stats(ctx: click.Context, as_json: bool, sample_limit: int, verbose: bool) -
         ("without ttl (the sweep fixes these)", str(figures.no_ttl)),
         ("oldest without ttl", "-" if age is None else f"{age:.0f}s"),
         ("unexpected type (never touched)", str(figures.unexpected_type)),
+        ("chords stalled", str(figures.chords_stalled)),
         (
             "bytes per key (sampled)",
             "-" if figures.bytes_per_key is None else _human_bytes(figures.bytes_per_key),
@@ -137,16 +138,28 @@ def stats(ctx: click.Context, as_json: bool, sample_limit: int, verbose: bool) -
     callback=_duration,
     help="Age past which a key is too old, e.g. 1d, 6h.",
 )
+@click.option("--chords-only", is_flag=True, help="Only repair stalled chords.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 @_guard
 def sweep_command(
-    ctx: click.Context, dry_run: bool, delete: bool, max_age: str | None, as_json: bool
+    ctx: click.Context,
+    dry_run: bool,
+    delete: bool,
+    max_age: str | None,
+    chords_only: bool,
+    as_json: bool,
 ) -> None:
-    """Find result keys without a TTL, too old, or left over, and fix them."""
+    """Find result keys without a TTL, too old, or left over, and fix them; publish the
+    bodies of stalled chords."""
     backend = _backend(ctx)
     total = backend.store.dbsize()
-    options = {"dry_run": dry_run, "delete": delete or None, "max_age": max_age}
+    options = {
+        "dry_run": dry_run,
+        "delete": delete or None,
+        "max_age": max_age,
+        "chords_only": chords_only,
+    }
     if total > PROGRESS_THRESHOLD and not as_json:
         with click.progressbar(length=total, label="sweeping", file=sys.stderr) as bar:
             seen = [0]
@@ -167,11 +180,19 @@ def sweep_command(
             ("ttl set" if not dry_run else "ttl would be set", str(summary.ttl_set)),
             ("unlinked" if not dry_run else "would unlink", str(summary.unlinked)),
             ("bytes reclaimed (est.)", str(summary.bytes_reclaimed)),
-            ("duration", f"{summary.duration:.3f}s"),
+            ("chords stalled", str(summary.chords_stalled)),
         ]
+        if not dry_run:
+            rows += [
+                ("chords repaired", str(summary.chords_repaired)),
+                ("chords settled", str(summary.chords_settled)),
+                ("chords failed", str(summary.chords_failed)),
+            ]
+        rows.append(("duration", f"{summary.duration:.3f}s"))
         _table(rows)
+        verbs = {"ttl": "set ttl on", "unlink": "unlink", "repair": "repair the chord of"}
         for action, key in summary.planned:
-            click.echo(f"would {'set ttl on' if action == 'ttl' else 'unlink'} {key}")
+            click.echo(f"would {verbs[action]} {key}")
         click.echo(summary.line())
     if summary.skipped_locked:
         sys.exit(EXIT_LOCKED)
@@ -187,14 +208,22 @@ def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
     backend = _backend(ctx)
     layout = backend.layout
     report: dict[str, Any] = {"task_id": task_id, "keys": []}
-    names = [layout.result(task_id), layout.progress(task_id), layout.legacy(task_id)]
+    names = [
+        layout.result(task_id),
+        layout.state(task_id),
+        layout.watchers(task_id),
+        layout.progress(task_id),
+        layout.legacy(task_id),
+    ]
     for info in backend.store.inspect(names, f"inspect task {quote_id(task_id)}"):
         entry: dict[str, Any] = {"key": info.key, "type": info.type, "ttl_ms": info.ttl_ms}
         entry["raw"] = _safe(info.raw)
-        if info.key == names[0] and isinstance(info.raw, bytes):
+        if info.key in names[:2] and isinstance(info.raw, bytes):
+            ready = info.key == names[0]
             try:
                 entry["written_ms"] = parse_ready(info.raw).written_ms
-                meta = backend.decode_record(Record(task_id, info.key, info.raw, "ready"))
+                record = Record(task_id, info.key, info.raw, "ready" if ready else "progress")
+                meta = backend.decode_record(record)
                 entry["meta"] = _jsonable(meta)
             except Exception as exc:
                 entry["error"] = f"{type(exc).__name__}: {exc}"

@@ -7,14 +7,20 @@ key               type         holds
 ================  ===========  ==========================================================
 ``r:{<id>}``      list         one element: the ready meta (SUCCESS, FAILURE, REVOKED),
                                behind a short header (state letter and write time)
-``p:{<id>}``      stream       intermediate states (STARTED, RETRY, PROGRESS, ...), newest
-                               last, and a marker entry once the task is ready
+``s:{<id>}``      string       the latest intermediate state (STARTED, RETRY, PROGRESS,
+                               ...) behind the same header; gone once the task is ready
+``w:{<id>}``      set          the inboxes of the processes waiting on the task
+``i:{<name>}``    list         one process's inbox: notifications of stored states
+``p:{<id>}``      stream       intermediate states as versions before 0.2 kept them;
+                               read by nothing, left to expire
 ``g:{<gid>}``     string       a saved ``GroupResult``
 ``c:{<gid>}:j``   zset / list  a chord's header results, by header index or arrival order
 ``c:{<gid>}:s``   string       a chord's size
 ``c:{<gid>}:t``   string       members added to a running chord (``add_to_chord``)
 ``c:{<gid>}:d``   set          header results already counted (duplicate deliveries)
-``c:{<gid>}:c``   string       the claim of the worker that publishes the body, then "done"
+``c:{<gid>}:c``   string       who publishes the body, and by when (see :mod:`.chords`), then
+                               "done"
+``c:{<gid>}:b``   string       the body's task id and signature, for a repair
 ``lock:sweep``    string       the sweep lock
 ``metrics``       hash         sweep counts and the last key metrics, for Prometheus
 ================  ===========  ==========================================================
@@ -69,18 +75,25 @@ _LEGACY_CHORD_SUFFIXES = (".j", ".s", ".t", ".d", ".c")
 #: The kind of each key of ours, by the code :meth:`KeyLayout.kind_of` gives it.
 KIND_NAMES = {
     "r": "result",
+    "s": "progress",
     "p": "progress",
+    "w": "watchers",
+    "i": "inbox",
     "g": "group",
     "j": "chord",
-    "s": "chord",
+    "n": "chord",
     "d": "chord",
     "c": "chord",
     "t": "chord",
+    "b": "chord",
     "x": "unknown",
 }
 
+#: The kind code of each chord key, by the letter its name ends in.
+_CHORD_CODES = {"j": "j", "s": "n", "d": "d", "c": "c", "t": "t", "b": "b"}
+
 #: The chord parts whose data is gone once the chord's size key is: "leftovers".
-CHORD_DATA_PARTS = frozenset("jdt")
+CHORD_DATA_PARTS = frozenset("jdtb")
 
 _SWEEP_LOCK = "lock:sweep"
 _METRICS = "metrics"
@@ -108,6 +121,7 @@ class ChordKeys(NamedTuple):
     counted: str
     claim: str
     added: str
+    body: str
 
     def named(self) -> dict[str, str]:
         """The keys by name, as the chord scripts take them."""
@@ -136,8 +150,18 @@ class KeyLayout:
     def result(self, task_id: str) -> str:
         return f"{self.prefix}r:{_tagged(task_id, 'task id')}"
 
+    def state(self, task_id: str) -> str:
+        return f"{self.prefix}s:{_tagged(task_id, 'task id')}"
+
+    def watchers(self, task_id: str) -> str:
+        return f"{self.prefix}w:{_tagged(task_id, 'task id')}"
+
     def progress(self, task_id: str) -> str:
+        """A task's progress stream, as versions before 0.2 wrote it."""
         return f"{self.prefix}p:{_tagged(task_id, 'task id')}"
+
+    def inbox(self, name: str) -> str:
+        return f"{self.prefix}i:{_tagged(name, 'inbox name')}"
 
     def legacy(self, task_id: str) -> str:
         return f"{self.legacy_prefix}{task_id}"
@@ -168,6 +192,7 @@ class KeyLayout:
             counted=chord(group_id, "d"),
             claim=chord(group_id, "c"),
             added=chord(group_id, "t"),
+            body=chord(group_id, "b"),
         )
 
     @property
@@ -196,11 +221,27 @@ class KeyLayout:
         code = rest[:1]
         if rest[1:3] != ":{":
             return "x"
-        if code in "rpg":
+        if code in "rswpig":
             return code
-        if code == "c" and len(rest) > 5 and rest[-2] == ":" and rest[-1] in "jsdct":
-            return rest[-1]
+        if code == "c" and len(rest) > 5 and rest[-2] == ":" and rest[-1] in _CHORD_CODES:
+            return _CHORD_CODES[rest[-1]]
         return "x"
+
+    def chord_group(self, name: str) -> str | None:
+        """The group id of a chord key of ours; ``None`` for any other key."""
+        if self.kind_of(name) not in {"j", "n", "d", "c", "t", "b"}:
+            return None
+        # "{<id>}", or "{<sha1>}<id>" for an id that holds a brace (see _tagged).
+        tagged = name[len(self.prefix) + 2 : -2]
+        close = tagged.find("}")
+        if close < 1:
+            return None
+        return tagged[close + 1 :] or tagged[1:close] or None
+
+    @property
+    def match_chord_claims(self) -> str:
+        """A SCAN MATCH pattern for the claim key of every chord of ours."""
+        return glob_escape(self.prefix) + "c:{*:c"
 
     def chord_size_key(self, name: str) -> str | None:
         """For a chord data key (results, counted, added), its chord's size key."""
@@ -219,7 +260,8 @@ class ReadyRecord:
 
 
 def parse_ready(element: bytes) -> ReadyRecord:
-    """Split a stored ready element into its header and the encoded meta.
+    """Split a stored element (a ready result, or an intermediate state: letter ``P``)
+    into its header and the encoded meta.
 
     Raises
     ------
@@ -246,9 +288,9 @@ ACL_COMMANDS = (
     "hello", "auth", "client|setinfo", "client|setname", "ping", "select",
     # results and waits
     "evalsha", "eval", "script|load", "script|exists", "lindex", "rpush", "rpop", "lrange", "llen",
-    "blmove", "brpoplpush", "brpop", "xadd", "xrange", "xrevrange", "xread",
-    "xinfo|stream", "get", "set", "del", "unlink", "exists", "pexpire", "expire",
-    "time", "incr", "sadd", "zadd", "zcard", "zrange", "type", "pttl",
+    "blmove", "brpoplpush", "blpop", "lpop", "get", "set", "del", "unlink", "exists",
+    "pexpire", "expire", "time", "incr", "sadd", "srem", "sismember", "smembers", "zadd",
+    "zcard", "zrange", "type", "pttl", "xrevrange", "xinfo|stream",
     # sweep and stats, and the metrics hash
     "scan", "dbsize", "info", "memory|usage", "hget", "hset", "hincrby", "hgetall",
 )  # fmt: skip

@@ -35,7 +35,7 @@ from .errors import PerkeyError
 from .keys import KIND_NAMES, LEGACY_KINDS
 from .stats import TTL_BUCKETS, KeyStats, collect_stats
 from .store import ResultStore
-from .sweep import CLASSES, SweepSummary, sweep
+from .sweep import CLASSES, ChordRepair, SweepSummary, sweep
 from .tasks import uses_perkey
 
 __all__ = [
@@ -49,6 +49,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("celery_perkey_backend")
+
+#: What a sweep can do with a stalled chord (``SweepSummary.chords_<outcome>``).
+CHORD_OUTCOMES = ("repaired", "settled", "failed")
 
 #: Every sample name the exporter can write (counters with their ``_total``).
 METRIC_NAMES = frozenset(
@@ -70,6 +73,8 @@ METRIC_NAMES = frozenset(
         "perkey_sweep_ttl_set_total",
         "perkey_sweep_unlinked_total",
         "perkey_sweep_failures_total",
+        "perkey_sweep_chords_total",
+        "perkey_chords_stalled",
         "perkey_last_sweep_timestamp_seconds",
         "perkey_last_sweep_duration_seconds",
         "perkey_server_connected_clients",
@@ -89,14 +94,18 @@ def exporting(store: ResultStore) -> bool:
 
 
 def sweep_and_publish(
-    store: ResultStore, progress: Callable[[int, int], None] | None = None, **options: Any
+    store: ResultStore,
+    progress: Callable[[int, int], None] | None = None,
+    repair: ChordRepair | None = None,
+    **options: Any,
 ) -> SweepSummary:
-    """Sweep; with export configured, count it (or its failure) and the key metrics.
+    """Sweep (``repair`` publishes stalled chords' bodies); with export configured, count
+    it (or its failure) and the key metrics.
 
     Every sweep entry point runs this: ``backend.cleanup()``, the sweep task, the CLI.
     """
     try:
-        summary = sweep(store, progress=progress, **options)
+        summary = sweep(store, progress=progress, repair=repair, **options)
     except PerkeyError:
         if exporting(store):
             _quietly(lambda: store.record_metrics([("+", "sweep_failures", 1)]), "a failure")
@@ -110,6 +119,10 @@ def sweep_and_publish(
             ("=", "last_sweep_duration_ms", round(summary.duration * 1000)),
         ]
         changes += [("+", f"swept:{cls}", n) for cls, n in summary.by_class.items()]
+        changes += [
+            ("+", f"chords:{outcome}", getattr(summary, f"chords_{outcome}"))
+            for outcome in CHORD_OUTCOMES
+        ]
         store.record_metrics(changes)
         record_stats(store)
         if store.settings.prometheus_textfile:
@@ -190,6 +203,12 @@ def _sweep_families(fields: dict[str, bytes]) -> Iterator[Any]:
     for cls in CLASSES:
         swept.add_metric([cls], number(f"swept:{cls}"))
     yield swept
+    chords = CounterMetricFamily(
+        "perkey_sweep_chords", "Stalled chords handled by sweeps, by outcome", labels=["outcome"]
+    )
+    for outcome in CHORD_OUTCOMES:
+        chords.add_metric([outcome], number(f"chords:{outcome}"))
+    yield chords
     if "last_sweep_ms" in fields:
         yield GaugeMetricFamily(
             "perkey_last_sweep_timestamp_seconds",
@@ -228,6 +247,8 @@ def _stats_families(stats: dict[str, Any], measured_ms: int) -> Iterator[Any]:
          stats["oldest_no_ttl_age"] or 0),
         ("perkey_unexpected_keys", "Keys under our prefix of a type we never write",
          stats["unexpected_type"]),
+        ("perkey_chords_stalled", "Chords complete but never published, past deadline",
+         stats["chords_stalled"]),
         ("perkey_key_bytes", "Sampled MEMORY USAGE per key", stats["bytes_per_key"] or 0),
         ("perkey_db_keys", "All keys in the database", stats["db_keys"]),
         ("perkey_used_memory_bytes", "The servers' used_memory", stats["used_memory"]),

@@ -23,16 +23,19 @@ __all__ = [
     "ALL",
     "CHORD_DONE",
     "CHORD_PART",
+    "CHORD_PUBLISHING",
     "CHORD_SIZE",
+    "CHORD_STALLED",
+    "CHORD_TAKE_OVER",
     "EXPIRE_PERSISTENT",
     "LOCK_RELEASE",
     "LOCK_RENEW",
     "METRICS_RECORD",
+    "REGISTER",
     "STATS_BATCH",
     "STORE",
     "SWEEP_BATCH",
     "TAKE",
-    "WATCH",
     "Script",
 ]
 
@@ -96,11 +99,14 @@ def _read(name: str) -> str:
 
 
 STORE = Script.load("store")
-WATCH = Script.load("watch")
+REGISTER = Script.load("register")
 TAKE = Script.load("take")
 CHORD_PART = Script.load("chord_part")
 CHORD_SIZE = Script.load("chord_size")
 CHORD_DONE = Script.load("chord_done")
+CHORD_PUBLISHING = Script.load("chord_publishing")
+CHORD_TAKE_OVER = Script.load("chord_take_over")
+CHORD_STALLED = Script.load("chord_stalled")
 SWEEP_BATCH = Script.load("sweep_batch")
 STATS_BATCH = Script.load("stats_batch")
 LOCK_RELEASE = Script.load("lock_release")
@@ -112,11 +118,14 @@ METRICS_RECORD = Script.load("metrics_record")
 #: cache) gets them all loaded at once.
 ALL = (
     STORE,
-    WATCH,
+    REGISTER,
     TAKE,
     CHORD_PART,
     CHORD_SIZE,
     CHORD_DONE,
+    CHORD_PUBLISHING,
+    CHORD_TAKE_OVER,
+    CHORD_STALLED,
     SWEEP_BATCH,
     STATS_BATCH,
     LOCK_RELEASE,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -45,6 +46,7 @@ PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "perkey_max_result_bytes": REDIS_MAX_BULK,
         "perkey_min_replicas": 0,
         "perkey_min_replicas_timeout": 1.0,
+        "perkey_chord_claim_ttl": 60.0,
         "perkey_sweep_max_age": 86400.0,
         "perkey_sweep_delete": False,
         "perkey_sweep_ttl": None,
@@ -56,6 +58,7 @@ PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "perkey_prometheus_port": None,
         "perkey_prometheus_textfile": None,
         "perkey_prometheus_refresh": 15.0,
+        "perkey_multiplex": "auto",
     }
 )
 
@@ -204,12 +207,29 @@ def parse_count(value: Any, name: str, minimum: int = 0) -> int:
     return number
 
 
+def _auto_or_flag(value: Any, name: str) -> bool | None:
+    """``None`` for ``"auto"``, else a boolean."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        return parse_flag(value, name)
+    except ConfigurationError:
+        raise _bad(name, value, '"auto", True or False') from None
+
+
 def _expiry(value: Any, name: str) -> float | None:
     """A TTL in seconds; ``None`` (or 0) means no TTL, as in Celery."""
     if value is None:
         return None
     seconds = parse_duration(value, name)
     return seconds or None
+
+
+def _positive_duration(value: Any, name: str) -> float:
+    seconds = parse_duration(value, name)
+    if seconds <= 0:
+        raise _bad(name, value, _DURATION_FORMS, "must be more than 0")
+    return seconds
 
 
 def _optional_duration(value: Any, name: str) -> float | None:
@@ -253,6 +273,7 @@ class Settings:
     chord_expires_s: float | None
     chord_join_timeout_s: float
     chord_ordered: bool
+    chord_claim_ttl_s: float
     read_once: bool
     legacy_fallback: bool
     max_result_bytes: int
@@ -270,6 +291,7 @@ class Settings:
     prometheus_port: int | None
     prometheus_textfile: str | None
     prometheus_refresh_s: float
+    multiplex: bool | None
     socket_timeout_s: float | None
     connection_options: Mapping[str, Any] = field(default_factory=dict)
     transport_options: Mapping[str, Any] = field(default_factory=dict)
@@ -284,6 +306,18 @@ class Settings:
         if not self.chord_expires_s or not self.result_expires_s:
             return None
         return max(self.chord_expires_s, self.result_expires_s)
+
+    @property
+    def multiplexed(self) -> bool:
+        """Whether plain waits go through the process's multiplexer: as set, or with
+        ``"auto"``, when gevent or eventlet has patched the process."""
+        if self.multiplex is not None:
+            return self.multiplex
+        gevent = sys.modules.get("gevent.monkey")
+        if gevent is not None and gevent.is_module_patched("socket"):
+            return True
+        eventlet = sys.modules.get("eventlet.patcher")
+        return eventlet is not None and bool(eventlet.is_monkey_patched("socket"))
 
     @property
     def is_cluster(self) -> bool:
@@ -353,6 +387,9 @@ class Settings:
                 conf.get("result_chord_join_timeout") or 5.0, "result_chord_join_timeout"
             ),
             chord_ordered=parse_flag(ordered, "result_chord_ordered"),
+            chord_claim_ttl_s=_positive_duration(
+                own("perkey_chord_claim_ttl"), "perkey_chord_claim_ttl"
+            ),
             read_once=parse_flag(own("perkey_read_once"), "perkey_read_once"),
             legacy_fallback=parse_flag(own("perkey_legacy_fallback"), "perkey_legacy_fallback"),
             max_result_bytes=min(
@@ -388,6 +425,7 @@ class Settings:
             prometheus_refresh_s=max(
                 0.1, parse_duration(own("perkey_prometheus_refresh"), "perkey_prometheus_refresh")
             ),
+            multiplex=_auto_or_flag(own("perkey_multiplex"), "perkey_multiplex"),
             socket_timeout_s=socket_timeout,
             connection_options=MappingProxyType(connection),
             transport_options=MappingProxyType(dict(transport)),

@@ -2,10 +2,11 @@
 
 :func:`collect_stats` counts our keys by kind, histograms their remaining TTLs, finds
 keys with no TTL and the oldest of them, names keys of a type we never write, counts
-the keys Celery's ``redis://`` backend left (during a switch), and weighs a sample with
-MEMORY USAGE. On a large keyspace it samples: it examines the first ``sample_limit``
-keys SCAN returns (hash order, so close to random) and scales the counts up, and says
-so.
+stalled chords (complete, body never published, claim past its deadline: the sweep
+repairs them), counts the keys Celery's ``redis://`` backend left (during a switch), and
+weighs a sample with MEMORY USAGE. On a large keyspace it samples: it examines the first
+``sample_limit`` keys SCAN returns (hash order, so close to random) and scales the counts
+up, and says so.
 
 Each key of ours is in exactly one of: a TTL bucket, ``no_ttl``, ``unexpected_type``.
 ``no_ttl`` is what the sweep gives a TTL (its classes no_ttl, and too_old or leftover
@@ -23,7 +24,7 @@ from . import scripts
 from .keys import KIND_NAMES
 from .legacy import LegacyCounts, count_legacy
 from .store import ResultStore
-from .sweep import HasStore, key_batches, store_of
+from .sweep import HasStore, key_batches, stalled_chords, store_of
 
 __all__ = ["TTL_BUCKETS", "UNEXPECTED_LISTED", "KeyStats", "collect_stats"]
 
@@ -52,6 +53,7 @@ class KeyStats:
     unexpected_keys: list[str] = field(default_factory=list)
     legacy_keys: dict[str, int] = field(default_factory=dict)
     legacy_without_ttl: dict[str, int] = field(default_factory=dict)
+    chords_stalled: int = 0
     bytes_per_key: float | None = None
     our_keys: int = 0
     db_keys: int = 0
@@ -124,6 +126,7 @@ def collect_stats(
             if int(oldest) >= 0 and (oldest_ms < 0 or int(oldest) < oldest_ms):
                 oldest_ms = int(oldest)
         weights.extend(sizes)
+        stats.chords_stalled += len(stalled_chords(store, node, ours))
         if stats.examined >= sample_limit:
             break
     scale = stats.db_keys / stats.examined if stats.sampled and stats.examined else 1.0
@@ -135,6 +138,7 @@ def collect_stats(
     stats.unexpected_type = round(stats.unexpected_type * scale)
     legacy = legacy.scaled(scale)
     stats.legacy_keys, stats.legacy_without_ttl = legacy.keys, legacy.without_ttl
+    stats.chords_stalled = round(stats.chords_stalled * scale)
     stats.our_keys = sum(stats.by_kind.values())
     stats.oldest_no_ttl_age = max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms >= 0 else None
     stats.bytes_per_key = sum(weights) / len(weights) if weights else None

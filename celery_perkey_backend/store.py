@@ -9,10 +9,16 @@ backend all work through its public methods.
 An optional *fallback* is a read-only string key per task that every read also looks
 at, in the same round trip: results that Celery's ``redis://`` backend wrote, read
 during a switch (see :mod:`.legacy`). A *group fallback* does the same for saved groups.
+
+Waiters of many tasks share one *inbox* per process: a waiter registers the inbox in
+the task's ``watchers`` set and reads the task's state in the same script, and the store
+script pushes a small *notification* to every registered inbox as it writes a state
+(see ``lua/store.lua`` for its format, :func:`parse_note` to read it).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
@@ -35,24 +41,27 @@ from .scripts import Script
 from .settings import Settings
 from .urls import mask_url
 
+logger = logging.getLogger("celery_perkey_backend")
+
 __all__ = [
-    "PROGRESS_GRACE_MS",
-    "PROGRESS_HISTORY",
+    "INBOX_TTL_MS",
+    "INLINE_MAX",
+    "ChordStall",
     "ChordTally",
     "KeyInfo",
+    "Note",
+    "Probe",
     "Record",
     "ResultStore",
+    "parse_note",
 ]
 
-#: How many intermediate states a task's progress stream keeps.
-PROGRESS_HISTORY = 16
+#: The largest stored element a notification carries along; a larger one is read.
+INLINE_MAX = 4096
 
-#: How long a task's progress stream outlives its becoming ready (ms): long enough for
-#: every on_message waiter to see the marker, far shorter than the result's TTL.
-PROGRESS_GRACE_MS = 10_000
-
-#: The field of a progress stream entry that holds an intermediate state.
-FIELD_META = b"m"
+#: How long an inbox lives after its last notification: a process that died leaves
+#: its unread notifications behind for no longer.
+INBOX_TTL_MS = 60_000
 
 Kind = Literal["ready", "progress", "fallback"]
 
@@ -72,14 +81,66 @@ class Record:
     kind: Kind
 
 
+class Note(NamedTuple):
+    """A notification read from an inbox: the task, and what was stored, when the
+    notification carries it (``None``: read it)."""
+
+    task_id: str
+    ready: bool
+    element: bytes | None
+
+
+def parse_note(raw: bytes) -> Note:
+    """Read a notification (``lua/store.lua`` writes them).
+
+    Raises
+    ------
+    ValueError
+        If ``raw`` is not one.
+    """
+    kind, size, rest = raw[:1], *raw[1:].split(b":", 1)
+    length = int(size)
+    task_id = rest[:length].decode("utf-8")
+    if kind not in (b"R", b"P", b"r", b"p") or len(rest) < length:
+        raise ValueError("not a perkey notification")
+    element = rest[length:] if kind in (b"R", b"P") else None
+    return Note(task_id, kind in (b"R", b"r"), element)
+
+
+class Probe(NamedTuple):
+    """What one read of a waited-on task found: the ready element, the intermediate
+    state, the fallback key's value, and whether the inbox is still registered."""
+
+    ready: Record | None
+    state: Record | None
+    fallback: Record | None
+    registered: bool
+
+
 class ChordTally(NamedTuple):
     """What recording one chord part found: results so far, the total expected (-1
-    while the size is not set, or once the chord is done), and whether this call
-    claimed the body."""
+    while the size is not set, or once the chord is done), whether this call holds the
+    claim on the body, and ``stale``: the claim value of a claimer that was publishing
+    the body and is past its deadline (look for the body before taking it over)."""
 
     parts: int
     total: int
     claimed: bool
+    stale: bytes | None = None
+
+
+class ChordStall(NamedTuple):
+    """A stalled chord as :meth:`ResultStore.chord_reclaim` found it.
+
+    ``verdict``: ``"C"`` now claimed by the caller (its claimer never sent the body),
+    ``"P"`` stalled while publishing (``seen`` is the claim value: look for the body,
+    then :meth:`ResultStore.chord_take_over`), ``"-"`` not stalled after all.
+    ``total`` is the number of header results.
+    """
+
+    verdict: str
+    total: int
+    seen: bytes | None
 
 
 @dataclass(frozen=True)
@@ -190,13 +251,13 @@ class ResultStore:
     # -- writing ----------------------------------------------------------------------
 
     def write(self, task_id: str, letter: str, payload: bytes, ttl_ms: int) -> bool:
-        """Store one state of a task, atomically, in one round trip.
+        """Store one state of a task, atomically, in one round trip, and notify its waiters.
 
         Parameters
         ----------
         letter:
             The ready state's letter (``S``, ``F``, ``R``), or ``""`` for an
-            intermediate state, which goes to the progress stream.
+            intermediate state, which replaces the task's latest one.
         payload:
             The encoded meta.
         ttl_ms:
@@ -212,27 +273,34 @@ class ResultStore:
         BackendUnavailableError
             Once the retry policy gives up, or when fewer than ``min_replicas``
             replicas acknowledged the write in time.
+        ServerFullError
+            When the server is out of memory.
         """
         layout = self.layout
         rkey = layout.result(task_id)
-        grace = min(ttl_ms, PROGRESS_GRACE_MS) if ttl_ms else PROGRESS_GRACE_MS
+        cluster = self.is_cluster
         keys, args = scripts.STORE.bind(
-            {"result": rkey, "progress": layout.progress(task_id)},
+            {"result": rkey, "state": layout.state(task_id), "watchers": layout.watchers(task_id)},
             {
                 "letter": letter,
                 "payload": payload,
                 "ttl_ms": ttl_ms,
-                "history": PROGRESS_HISTORY,
-                "grace_ms": grace,
+                "task_id": task_id,
+                # One server: the script pushes the notifications itself, no round trip
+                # more. A cluster: the inboxes live in other slots, so they come back.
+                "push": "0" if cluster else "1",
+                "inline_max": INLINE_MAX,
+                "inbox_ttl_ms": INBOX_TTL_MS,
             },
         )
         where = f"store result of task {quote_id(task_id)}"
         replicas = self.settings.min_replicas
 
-        def once() -> bool:
+        def once() -> list[Any]:
             if not replicas:
                 with self.errors(where, rkey):
-                    return bool(self._eval(scripts.STORE, keys, args))
+                    reply: list[Any] = self._eval(scripts.STORE, keys, args)
+                return reply
             # WAIT counts the replicas that have this connection's writes, so the
             # script and WAIT share one connection to the key's primary.
             timeout_ms = self.settings.min_replicas_timeout_ms
@@ -243,15 +311,32 @@ class ResultStore:
 
             with self.errors(where, rkey):
                 primary = node_client(self.client, rkey)
-            stored, acked = self._pipeline(build, where, rkey, on=primary)
+            reply, acked = self._pipeline(build, where, rkey, on=primary)
             if int(acked) < replicas:
                 raise BackendUnavailableError(
                     f"{where}: {acked} of {replicas} replicas acknowledged it "
                     f"within {timeout_ms} ms (perkey_min_replicas)"
                 )
-            return bool(stored)
+            return reply
 
-        return self.policy.call(once, f"store of task {quote_id(task_id)}")
+        reply = self.policy.call(once, f"store of task {quote_id(task_id)}")
+        if len(reply) > 1:
+            self._notify(reply[1], [_text(inbox) for inbox in reply[2:]], where)
+        return bool(reply[0])
+
+    def _notify(self, note: bytes, inboxes: list[str], where: str) -> None:
+        """Push a notification to inboxes in other slots (a cluster), in one round trip."""
+
+        def build(pipe: Any) -> None:
+            for inbox in inboxes:
+                pipe.rpush(inbox, note)
+                pipe.pexpire(inbox, INBOX_TTL_MS)
+
+        # Best effort: a waiter that misses it reads the result at its next check.
+        try:
+            self._pipeline(build, f"{where}: notify its waiters", inboxes[0])
+        except BackendUnavailableError as exc:
+            logger.warning("perkey: %s; its waiters will find it at their next check", exc)
 
     def set(self, key: str, value: bytes | str, ttl_ms: int, what: str = "write") -> None:
         """SET a plain string key (a saved group), with a TTL unless 0; retried."""
@@ -273,7 +358,13 @@ class ResultStore:
 
     def forget(self, task_id: str) -> None:
         """Remove everything stored for a task, its fallback key included."""
-        doomed = [self.layout.result(task_id), self.layout.progress(task_id)]
+        layout = self.layout
+        doomed = [
+            layout.result(task_id),
+            layout.state(task_id),
+            layout.watchers(task_id),
+            layout.progress(task_id),
+        ]
         if self.fallback is not None:
             doomed.append(self.fallback(task_id))
 
@@ -288,25 +379,24 @@ class ResultStore:
     def read_state(self, task_id: str) -> Record | None:
         """The latest stored state of one task, in one round trip; ``None`` if none.
 
-        The ready result if there is one, else the newest intermediate state, else the
+        The ready result if there is one, else the latest intermediate state, else the
         fallback key's value.
         """
         layout = self.layout
-        rkey, pkey = layout.result(task_id), layout.progress(task_id)
+        rkey, skey = layout.result(task_id), layout.state(task_id)
         fallback = self.fallback(task_id) if self.fallback is not None else None
 
         def build(pipe: Any) -> None:
             pipe.lindex(rkey, 0)
-            pipe.xrevrange(pkey, count=1)
+            pipe.get(skey)
             if fallback is not None:
                 pipe.get(fallback)
 
         replies = self._pipeline(build, f"read result of task {quote_id(task_id)}", rkey)
-        ready, latest = replies[0], replies[1]
-        if ready is not None:
-            return Record(task_id, rkey, ready, "ready")
-        if latest and FIELD_META in latest[0][1]:
-            return Record(task_id, pkey, latest[0][1][FIELD_META], "progress")
+        if replies[0] is not None:
+            return Record(task_id, rkey, replies[0], "ready")
+        if replies[1] is not None:
+            return Record(task_id, skey, replies[1], "progress")
         if fallback is not None and replies[2] is not None:
             return Record(task_id, fallback, replies[2], "fallback")
         return None
@@ -342,9 +432,7 @@ class ResultStore:
         rkey = self.layout.result(task_id)
         with self.errors(f"read result of task {quote_id(task_id)}", rkey):
             if consume:
-                keys, _ = scripts.TAKE.bind(
-                    {"result": rkey, "progress": self.layout.progress(task_id)}
-                )
+                keys, _ = scripts.TAKE.bind({"result": rkey, "state": self.layout.state(task_id)})
                 element = self._eval(scripts.TAKE, keys, [])
             else:
                 element = self.client.lindex(rkey, 0)
@@ -371,9 +459,7 @@ class ResultStore:
         def build(pipe: Any) -> None:
             for task_id, rkey in pairs:
                 if consume:
-                    keys, _ = scripts.TAKE.bind(
-                        {"result": rkey, "progress": layout.progress(task_id)}
-                    )
+                    keys, _ = scripts.TAKE.bind({"result": rkey, "state": layout.state(task_id)})
                     self._queue(pipe, scripts.TAKE, keys, [])
                 else:
                     pipe.lindex(rkey, 0)
@@ -438,41 +524,123 @@ class ResultStore:
         old: bytes | None = blocking_call(client, key, seconds, "BRPOPLPUSH", key, key, seconds)
         return old
 
-    def watch(
-        self, task_id: str, last_id: bytes, ttl_ms: int
-    ) -> tuple[Record | None, list[tuple[bytes, bytes]]]:
-        """One step of a wait that follows intermediate states.
+    # -- inboxes: many waits on one connection ---------------------------------------
 
-        Returns
-        -------
-        tuple
-            The ready result if stored, and otherwise the intermediate states stored
-            after ``last_id``, as ``(entry id, payload)`` pairs; the last id seen is
-            the next ``last_id``. Markers come as an empty payload.
+    def register(self, task_ids: Sequence[str], inbox: str, ttl_ms: int) -> dict[str, Probe]:
+        """Register ``inbox`` as a waiter of each task, and read each task's state.
+
+        One round trip per node (plus one for the fallback keys on a cluster). A result
+        stored before the registration is in the reply; one stored after it is pushed to
+        the inbox: nothing falls between.
+
+        Raises
+        ------
+        ServerFullError
+            When the server is out of memory (registering is a write).
         """
-        rkey, pkey = self.layout.result(task_id), self.layout.progress(task_id)
-        keys, args = scripts.WATCH.bind(
-            {"result": rkey, "progress": pkey}, {"last_id": last_id, "ttl_ms": ttl_ms}
-        )
-        with self.errors(f"wait for task {quote_id(task_id)}", rkey):
-            ready, entries = self._eval(scripts.WATCH, keys, args)
-        if ready:
-            return Record(task_id, rkey, ready, "ready"), []
-        states = []
-        for entry_id, flat in entries or ():
-            fields = dict(zip(flat[::2], flat[1::2], strict=False))
-            states.append((entry_id, fields.get(FIELD_META, b"")))
-        return None, states
+        found: dict[str, Probe] = {}
+        layout = self.layout
+        for node, ids in self._by_node(task_ids, "register waits"):
 
-    def block_progress(self, task_id: str, last_id: bytes, seconds: float) -> bool:
-        """Block up to ``seconds`` for a progress entry after ``last_id``; True if one came."""
-        pkey = self.layout.progress(task_id)
-        with self.errors(f"wait for task {quote_id(task_id)}", pkey):
-            news = blocking_call(
-                self.client, pkey, seconds, "XREAD", "BLOCK", max(1, int(seconds * 1000)),
-                "STREAMS", pkey, last_id,
-            )  # fmt: skip
-        return bool(news)
+            def build(pipe: Any, ids: list[str] = ids) -> None:
+                for task_id in ids:
+                    keys, args = scripts.REGISTER.bind(
+                        {
+                            "result": layout.result(task_id),
+                            "state": layout.state(task_id),
+                            "watchers": layout.watchers(task_id),
+                        },
+                        {"inbox": inbox, "ttl_ms": ttl_ms},
+                    )
+                    self._queue(pipe, scripts.REGISTER, keys, args)
+
+            replies = self._pipeline(build, "register waits", inbox, on=node)
+            for task_id, (ready, state) in zip(ids, replies, strict=True):
+                found[task_id] = self._probe(task_id, ready or None, state or None, True)
+        return self._with_fallbacks(found)
+
+    def probe(self, task_ids: Sequence[str], inbox: str) -> dict[str, Probe]:
+        """Read each task's state and whether ``inbox`` is still registered for it.
+
+        Reads only (a server out of memory answers them); one pipelined round trip.
+        """
+        layout = self.layout
+
+        def build(pipe: Any) -> None:
+            for task_id in task_ids:
+                pipe.lindex(layout.result(task_id), 0)
+                pipe.get(layout.state(task_id))
+                pipe.sismember(layout.watchers(task_id), inbox)
+
+        replies = self._pipeline(build, "check waits", inbox)
+        found = {}
+        for i, task_id in enumerate(task_ids):
+            ready, state, registered = replies[3 * i : 3 * i + 3]
+            found[task_id] = self._probe(task_id, ready, state, bool(registered))
+        return self._with_fallbacks(found)
+
+    def unregister(self, task_ids: Sequence[str], inbox: str) -> None:
+        """Take ``inbox`` out of the tasks' watchers (best effort: registrations expire)."""
+        layout = self.layout
+
+        def build(pipe: Any) -> None:
+            for task_id in task_ids:
+                pipe.srem(layout.watchers(task_id), inbox)
+
+        self._pipeline(build, "end waits", inbox)
+
+    def pop_inbox(self, inbox: str, seconds: float, most: int) -> list[bytes]:
+        """Block up to ``seconds`` for notifications in ``inbox``; take up to ``most``."""
+        with self.errors("read notifications", inbox):
+            first = blocking_call(self.client, inbox, seconds, "BLPOP", inbox, seconds)
+            if first is None:
+                return []
+            notes = [first[1]]
+            if most > 1:
+                more = self.client.lpop(inbox, most - 1)
+                notes.extend(cast("list[bytes]", more or []))
+        return notes
+
+    def _by_node(self, task_ids: Sequence[str], where: str) -> list[tuple[Any, list[str]]]:
+        """The ids grouped by the node that holds their keys (scripts cannot go through a
+        cluster pipeline); one group on a single server."""
+        if not self.is_cluster:
+            return [(None, list(task_ids))]
+        by_node: dict[int, tuple[Any, list[str]]] = {}
+        with self.errors(where):
+            for task_id in task_ids:
+                node = node_client(self.client, self.layout.result(task_id))
+                by_node.setdefault(id(node), (node, []))[1].append(task_id)
+        return list(by_node.values())
+
+    def _probe(
+        self, task_id: str, ready: bytes | None, state: bytes | None, registered: bool
+    ) -> Probe:
+        layout = self.layout
+        return Probe(
+            None if ready is None else Record(task_id, layout.result(task_id), ready, "ready"),
+            None if state is None else Record(task_id, layout.state(task_id), state, "progress"),
+            None,
+            registered,
+        )
+
+    def _with_fallbacks(self, found: dict[str, Probe]) -> dict[str, Probe]:
+        """Add the fallback keys' values of the tasks without a result, in one round trip."""
+        fallback = self.fallback
+        missing = [task_id for task_id, probe in found.items() if probe.ready is None]
+        if fallback is None or not missing:
+            return found
+
+        def build(pipe: Any) -> None:
+            for task_id in missing:
+                pipe.get(fallback(task_id))
+
+        values = self._pipeline(build, "read results", None)
+        for task_id, value in zip(missing, values, strict=True):
+            if value is not None:
+                record = Record(task_id, fallback(task_id), value, "fallback")
+                found[task_id] = found[task_id]._replace(fallback=record)
+        return found
 
     # -- chords -----------------------------------------------------------------------
 
@@ -505,14 +673,24 @@ class ResultStore:
         group_ttl_ms: int,
         claim_ttl_ms: int,
         token: str,
+        take: bool = True,
     ) -> ChordTally:
         """Record one header result, once per task and index, and maybe claim the body.
 
-        A retry with the same ``token`` is safe: the part counts once.
+        With ``take`` false it only records (and marks a complete chord as waiting for
+        a claimer, with a deadline of ``claim_ttl_ms``). A retry with the same
+        ``token`` is safe: the part counts once and finds its own claim.
         """
         chord = self.layout.chord_keys(group_id)
         keys, args = scripts.CHORD_PART.bind(
-            {**chord.named(), "group": self.layout.group(group_id)},
+            {
+                "results": chord.results,
+                "size": chord.size,
+                "counted": chord.counted,
+                "claim": chord.claim,
+                "added": chord.added,
+                "group": self.layout.group(group_id),
+            },
             {
                 "task_id": task_id,
                 "value": value,
@@ -521,14 +699,16 @@ class ResultStore:
                 "ttl_ms": ttl_ms,
                 "group_ttl_ms": group_ttl_ms,
                 "claim_ttl_ms": claim_ttl_ms,
+                "take": "1" if take else "0",
                 "token": token,
             },
         )
 
         def once() -> ChordTally:
             with self.errors(f"chord part of {quote_id(group_id)}", chord.results):
-                count, total, claimed = self._eval(scripts.CHORD_PART, keys, args)
-            return ChordTally(int(count), int(total), bool(claimed))
+                count, total, status, seen = self._eval(scripts.CHORD_PART, keys, args)
+            stale = seen if int(status) == 2 else None
+            return ChordTally(int(count), int(total), int(status) == 1, stale)
 
         return self.policy.call(once, f"chord part of {quote_id(group_id)}")
 
@@ -543,7 +723,7 @@ class ResultStore:
         return cast("list[bytes]", values)
 
     def chord_done(self, group_id: str, token: str, marker_ttl_ms: int) -> bool:
-        """Drop a finished chord's data if ``token`` still holds the claim."""
+        """Mark a chord's body published and drop its data, if ``token`` holds the claim."""
         chord = self.layout.chord_keys(group_id)
         keys, args = scripts.CHORD_DONE.bind(
             chord.named(), {"token": token, "marker_ttl_ms": marker_ttl_ms}
@@ -670,7 +850,92 @@ class ResultStore:
             return self.client.get(key)
         if kind == "stream":
             return self.client.xrevrange(key, count=1)
+        if kind == "set":
+            return sorted(self.client.smembers(key))
         return f"<{kind}>"
+
+    # -- chord recovery: publishing, takeovers, stalled chords ------------------------
+
+    def chord_publishing(self, group_id: str, token: str, claim_ttl_ms: int) -> bool:
+        """Record that ``token``'s holder is about to publish the body (retried).
+
+        False when it lost the claim meanwhile: it must not publish.
+        """
+        claim = self.layout.chord_keys(group_id).claim
+        keys, args = scripts.CHORD_PUBLISHING.bind(
+            {"claim": claim}, {"token": token, "claim_ttl_ms": claim_ttl_ms}
+        )
+
+        def once() -> bool:
+            with self.errors(f"publish chord {quote_id(group_id)}", claim):
+                return bool(self._eval(scripts.CHORD_PUBLISHING, keys, args))
+
+        return self.policy.call(once, f"publish chord {quote_id(group_id)}")
+
+    def chord_take_over(self, group_id: str, seen: bytes, token: str, claim_ttl_ms: int) -> bool:
+        """Claim the body for ``token`` if the claim is still ``seen`` (retried)."""
+        claim = self.layout.chord_keys(group_id).claim
+        keys, args = scripts.CHORD_TAKE_OVER.bind(
+            {"claim": claim}, {"seen": seen, "token": token, "claim_ttl_ms": claim_ttl_ms}
+        )
+
+        def once() -> bool:
+            with self.errors(f"take over chord {quote_id(group_id)}", claim):
+                return bool(self._eval(scripts.CHORD_TAKE_OVER, keys, args))
+
+        return self.policy.call(once, f"take over chord {quote_id(group_id)}")
+
+    def _stall_call(
+        self, group_id: str, take: bool, token: str = "", claim_ttl_ms: int = 0
+    ) -> tuple[list[Any], list[Any]]:
+        chord = self.layout.chord_keys(group_id)
+        return scripts.CHORD_STALLED.bind(
+            {
+                "results": chord.results,
+                "size": chord.size,
+                "claim": chord.claim,
+                "added": chord.added,
+            },
+            {
+                "ordered": "1" if self.settings.chord_ordered else "0",
+                "take": "1" if take else "0",
+                "token": token,
+                "claim_ttl_ms": claim_ttl_ms,
+            },
+        )
+
+    def chord_reclaim(self, group_id: str, token: str, claim_ttl_ms: int) -> ChordStall:
+        """Claim a stalled chord for ``token``: complete, not published, its claim late."""
+        keys, args = self._stall_call(group_id, True, token, claim_ttl_ms)
+        claim = self.layout.chord_keys(group_id).claim
+        with self.errors(f"reclaim chord {quote_id(group_id)}", claim):
+            verdict, total, seen = self._eval(scripts.CHORD_STALLED, keys, args)
+        verdict = _text(verdict)
+        return ChordStall(verdict, int(total), seen if verdict == "P" else None)
+
+    def stalled_chords(self, node: redis.Redis, group_ids: Sequence[str]) -> list[str]:
+        """Those of ``group_ids`` (chords whose keys ``node`` holds) that have stalled.
+
+        Stalled: the header is complete, the body not marked published, and the claim
+        past its deadline. One pipelined round trip; nothing is changed.
+        """
+        if not group_ids:
+            return []
+        calls = [self._stall_call(group_id, False) for group_id in group_ids]
+        replies, _ = self.run_scripts(node, scripts.CHORD_STALLED, calls, "find stalled chords")
+        return [
+            group_id
+            for group_id, (verdict, _, _) in zip(group_ids, replies, strict=True)
+            if _text(verdict) == "S"
+        ]
+
+    def chord_save_body(self, group_id: str, payload: bytes, ttl_ms: int) -> None:
+        """Keep a chord's encoded body (its task id and signature) for a repair."""
+        self.set(self.layout.chord_keys(group_id).body, payload, ttl_ms, "save chord body")
+
+    def chord_body(self, group_id: str) -> bytes | None:
+        """A chord's encoded body, as :meth:`chord_save_body` kept it."""
+        return self.get(self.layout.chord_keys(group_id).body)
 
     # -- for operators: the server's own state (doctor) ---------------------------------
     # Read-only, one server at a time, never retried: a check should report what it

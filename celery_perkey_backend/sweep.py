@@ -5,6 +5,12 @@ Every entry point (``backend.cleanup()``, the ``celery_perkey_backend.sweep`` ta
 with an escaped MATCH on the prefix), under a lock that keeps two sweeps from
 overlapping, in batches with optional pauses, and acts only through a script that
 checks again, atomically, that the action is still right for the key.
+
+It also finds *stalled chords*: a chord whose header is complete but whose body was
+never marked published, past its claim's deadline (every worker that could have
+published it died). The sweep knows nothing of Celery: it hands each one to a
+``repair`` hook, which the Celery backend provides (``PerkeyBackend.run_sweep``), and
+counts what the hook did. Without a hook it only counts them.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from .store import ResultStore
 
 __all__ = [
     "CLASSES",
+    "ChordRepair",
     "HasStore",
     "KeyBatch",
     "SweepOptions",
     "SweepSummary",
     "key_batches",
+    "stalled_chords",
     "store_of",
     "sweep",
 ]
@@ -51,6 +59,10 @@ CLASS_LETTERS = {
 
 #: How many planned actions a dry run lists (the counts are always complete).
 PLAN_LIMIT = 1000
+
+#: Publishes (or fails) the body of a stalled chord, given its group id, and says what
+#: it did: "repaired", "settled" (it had been published), "failed" or "skipped".
+ChordRepair = Callable[[str], str]
 
 
 class HasStore(Protocol):
@@ -89,6 +101,9 @@ class SweepOptions:
         Seconds the sweep lock lives without renewal; a crashed sweeper's lock expires.
     memory_samples:
         How many removed keys are weighed with MEMORY USAGE to estimate bytes reclaimed.
+    chords_only:
+        Look only for stalled chords (SCAN matches only chords' claim keys), and leave
+        every other key alone: cheap enough to schedule every minute or so.
     """
 
     max_age: float
@@ -100,6 +115,7 @@ class SweepOptions:
     lock_ttl: float
     memory_samples: int
     dry_run: bool = False
+    chords_only: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> SweepOptions:
@@ -120,6 +136,7 @@ class SweepOptions:
             "lock_ttl": (parse_duration, settings.sweep_lock_ttl_s),
             "memory_samples": (parse_count, settings.sweep_memory_samples),
             "dry_run": (parse_flag, False),
+            "chords_only": (parse_flag, False),
         }
         unknown = set(overrides) - set(readers)
         if unknown:
@@ -144,6 +161,10 @@ class SweepSummary:
     skipped_locked: bool = False
     dry_run: bool = False
     planned: list[tuple[str, str]] = field(default_factory=list)
+    chords_stalled: int = 0
+    chords_repaired: int = 0
+    chords_settled: int = 0
+    chords_failed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,9 +176,15 @@ class SweepSummary:
         classes = " ".join(f"{name}={self.by_class[name]}" for name in CLASSES)
         verb = "would set" if self.dry_run else "set"
         gone = "would unlink" if self.dry_run else "unlinked"
+        chords = f"chords stalled={self.chords_stalled}"
+        if not self.dry_run:
+            chords += (
+                f" repaired={self.chords_repaired} settled={self.chords_settled}"
+                f" failed={self.chords_failed}"
+            )
         return (
             f"perkey sweep: scanned={self.scanned} {classes} ttl {verb}={self.ttl_set} "
-            f"{gone}={self.unlinked} reclaimed~{self.bytes_reclaimed}B "
+            f"{gone}={self.unlinked} reclaimed~{self.bytes_reclaimed}B {chords} "
             f"in {self.duration:.3f}s" + (" (dry run)" if self.dry_run else "")
         )
 
@@ -165,6 +192,7 @@ class SweepSummary:
 def sweep(
     target: ResultStore | HasStore,
     progress: Callable[[int, int], None] | None = None,
+    repair: ChordRepair | None = None,
     **overrides: Any,
 ) -> SweepSummary:
     """Run one sweep over the keys of a store (or of the backend that carries it).
@@ -173,6 +201,9 @@ def sweep(
     ----------
     progress:
         Called after each batch with ``(keys scanned, keys in the database)``.
+    repair:
+        Called with the group id of each stalled chord found (not in a dry run);
+        without it, stalled chords are only counted.
     overrides:
         Any :class:`SweepOptions` field; the rest come from the ``perkey_sweep_*``
         settings.
@@ -202,7 +233,7 @@ def sweep(
         logger.info(summary.line())
         return summary
     try:
-        _run(store, options, summary, progress, token, lock_ms)
+        _run(store, options, summary, progress, token, lock_ms, repair)
     finally:
         store.release_lock(lock, token)
     summary.duration = time.monotonic() - started
@@ -257,6 +288,7 @@ def _run(
     progress: Callable[[int, int], None] | None,
     token: str,
     lock_ms: int,
+    repair: ChordRepair | None,
 ) -> None:
     start_ms = store.server_time_ms()
     # Only keys last written before both the sweep's start and max_age ago may go.
@@ -266,7 +298,9 @@ def _run(
     weighed = [0, 0]  # bytes, keys weighed with MEMORY USAGE before unlinking
     lock = store.layout.sweep_lock
     first = True
-    for node, chunk in _chunks(store.scan(store.layout.match_all, options.scan_count), options):
+    layout = store.layout
+    pattern = layout.match_chord_claims if options.chords_only else layout.match_all
+    for node, chunk in _chunks(store.scan(pattern, options.scan_count), options):
         if not first:
             if options.pause:
                 time.sleep(options.pause)
@@ -274,7 +308,9 @@ def _run(
                 logger.warning("perkey sweep: lost its lock, stopping early")
                 return
         first = False
-        _batch(store, node, chunk, options, summary, cutoff_ms, ttl_ms, weighed)
+        if not options.chords_only:
+            _batch(store, node, chunk, options, summary, cutoff_ms, ttl_ms, weighed)
+        _chords(store, node, chunk, options, summary, repair)
         if progress:
             progress(summary.scanned, total)
     if weighed[1]:
@@ -341,3 +377,40 @@ def _batch(
             for index, action in zip(part.indexes, actions, strict=True):
                 if action != "." and len(summary.planned) < PLAN_LIMIT:
                     summary.planned.append(("ttl" if action == "t" else "unlink", batch[index]))
+
+
+def stalled_chords(store: ResultStore, node: redis.Redis, names: Sequence[str]) -> list[str]:
+    """The group ids of the stalled chords among ``names`` (keys that ``node`` holds).
+
+    Each chord is judged by its claim key, which every complete chord has.
+    """
+    layout = store.layout
+    groups = [layout.chord_group(name) for name in names if layout.kind_of(name) == "c"]
+    return store.stalled_chords(node, [group_id for group_id in groups if group_id])
+
+
+def _chords(
+    store: ResultStore,
+    node: redis.Redis,
+    batch: list[str],
+    options: SweepOptions,
+    summary: SweepSummary,
+    repair: ChordRepair | None,
+) -> None:
+    if options.chords_only:
+        summary.scanned += len(batch)
+    for group_id in stalled_chords(store, node, batch):
+        summary.chords_stalled += 1
+        if options.dry_run:
+            if len(summary.planned) < PLAN_LIMIT:
+                summary.planned.append(("repair", store.layout.chord_keys(group_id).claim))
+            continue
+        if repair is None:
+            continue
+        outcome = repair(group_id)
+        if outcome == "repaired":
+            summary.chords_repaired += 1
+        elif outcome == "settled":
+            summary.chords_settled += 1
+        elif outcome == "failed":
+            summary.chords_failed += 1

@@ -17,6 +17,11 @@ makes a failed parent's error win over the error it caused in a child.
 A server out of memory (``maxmemory`` with ``noeviction``) refuses the blocking list
 commands; a wait then reads instead, backing off, and blocks again as soon as the
 server takes the command.
+
+A wait blocks either on its own connection (``BLMOVE`` on the result list), or through
+the process's :class:`~.multiplex.Multiplexer`, which serves any number of waits on two
+connections; ``on_message`` waits always go through it, since intermediate states are
+notified, not blocked on.
 """
 
 from __future__ import annotations
@@ -35,9 +40,17 @@ from celery.exceptions import TimeoutError
 from .connection import bounded_by
 from .deadline import MIN_BLOCK, Deadline
 from .errors import BackendUnavailableError, PoolExhaustedError, ServerFullError, quote_id
+from .multiplex import (
+    POLL_INTERVAL,
+    Initial,
+    Multiplexer,
+    Watch,
+    multiplexer_for,
+    warn_server_full,
+)
 from .store import Record, ResultStore
 
-__all__ = ["MAX_BLOCK", "PARENT_CHECK", "Waiter", "block_cap"]
+__all__ = ["MAX_BLOCK", "PARENT_CHECK", "Waiter", "block_cap", "handle", "timed_out"]
 
 logger = logging.getLogger("celery_perkey_backend")
 
@@ -52,13 +65,9 @@ MAX_BLOCK = 10.0
 #: parents once a second, and so does a wait here.
 PARENT_CHECK = 1.0
 
-#: How often a wait re-reads what it cannot block on: a key written by ``redis://``
-#: during a switch, or anything while the server is out of memory (it backs off from
-#: the first to the second).
+#: The first pause of a wait that reads because the server is out of memory; it grows
+#: to :data:`~.multiplex.POLL_INTERVAL`.
 POLL_FIRST = 0.05
-POLL_MAX = 0.5
-
-_full_warned = threading.Event()
 
 
 def block_cap(socket_timeout: float | None) -> float:
@@ -77,19 +86,8 @@ def _timed_out(task_id: str, why: str = "") -> TimeoutError:
     return TimeoutError(f"The operation timed out waiting for task {quote_id(task_id)}.{why}")
 
 
-def _warn_full(error: Exception) -> None:
-    if not _full_warned.is_set():
-        _full_warned.set()
-        logger.warning(
-            "perkey: the server is out of memory and refuses blocking waits (%s); "
-            "waits read every %.2f s instead until it takes them again",
-            error,
-            POLL_MAX,
-        )
-
-
 class _Backoff:
-    """Pauses that grow from :data:`POLL_FIRST` to :data:`POLL_MAX`, never past the deadline."""
+    """Pauses that grow from :data:`POLL_FIRST` to ``POLL_INTERVAL``, never past the deadline."""
 
     def __init__(self, deadline: Deadline) -> None:
         self.deadline = deadline
@@ -100,7 +98,7 @@ class _Backoff:
 
     def next(self) -> float:
         pause = self.pause
-        self.pause = min(self.pause * 2, POLL_MAX)
+        self.pause = min(self.pause * 2, POLL_INTERVAL)
         return self.deadline.block_for(pause)
 
     def sleep(self) -> None:
@@ -108,17 +106,25 @@ class _Backoff:
 
 
 class Waiter:
-    """Waits for results on the store, one connection per waiting thread.
+    """Waits for results on the store.
 
     Parameters
     ----------
     store:
         Where the results are.
+    multiplex:
+        Wait through the process's multiplexer rather than one connection per wait.
     """
 
-    def __init__(self, store: ResultStore) -> None:
+    def __init__(self, store: ResultStore, multiplex: bool = False) -> None:
         self.store = store
+        self.multiplex = multiplex
         self.cap = block_cap(store.settings.socket_timeout_s)
+
+    @property
+    def mux(self) -> Multiplexer:
+        """The process's multiplexer for this store (started on first use)."""
+        return multiplexer_for(self.store)
 
     def _retried(
         self, op: Callable[[], T], task_id: str, deadline: Deadline, warned: list[bool]
@@ -194,6 +200,10 @@ class Waiter:
                 found = self._retried(first, task_id, deadline, warned)
                 if found is not None:
                     return found
+            if self.multiplex:
+                return self._through(
+                    task_id, deadline, accept, consume=consume, on_step=on_step, cap=cap
+                )
             step = self._stepper(task_id, deadline, consume, cap)
             while not deadline.expired:
                 record = self._retried(step, task_id, deadline, warned)
@@ -258,7 +268,7 @@ class Waiter:
                 record = store.block_ready(task_id, deadline.block_for(step_cap))
             except ServerFullError as exc:
                 # Out of memory: the blocking command is refused, reading is not.
-                _warn_full(exc)
+                warn_server_full(exc)
                 record = store.read_ready([task_id]).get(task_id)
                 if record is None:
                     backoff.sleep()
@@ -279,6 +289,38 @@ class Waiter:
 
         return step
 
+    def _through(
+        self,
+        task_id: str,
+        deadline: Deadline,
+        accept: Callable[[Record], T | None],
+        consume: bool = False,
+        progress: bool = False,
+        on_step: Callable[[], Any] | None = None,
+        on_record: Callable[[Record | None, bool], None] | None = None,
+        cap: float | None = None,
+    ) -> T:
+        """Wait through the multiplexer until ``accept`` takes a record.
+
+        ``on_record`` sees every record handed on (``None``: nothing was stored when the
+        wait began), and whether it is the first. Waiting for the registration is no
+        step; every wait after it, woken or lapsed, is one.
+        """
+        woken = threading.Event()
+        watch = self.mux.watch(task_id, woken.set, progress=progress, consume=consume)
+        try:
+            return _serve(
+                watch,
+                woken,
+                deadline,
+                accept,
+                on_step,
+                on_record,
+                PARENT_CHECK if cap else MAX_BLOCK,
+            )
+        finally:
+            self.mux.release(watch)
+
     def follow(
         self,
         task_id: str,
@@ -293,119 +335,102 @@ class Waiter:
 
         Like ``redis://``, the first message is the state when the wait began, PENDING
         included; then every intermediate state as it is stored; then the ready one.
-        Intermediate states are read from the task's progress stream with a blocking
-        XREAD; the ready write adds a marker entry there, which ends the wait. A task
-        that Celery's ``redis://`` backend is running (a switch in progress) has its
-        key read every :data:`POLL_MAX` seconds instead, and so has every task while
-        the server is out of memory.
+        States are notified through the process's multiplexer; a task that Celery's
+        ``redis://`` backend runs (a switch in progress) has its key read every
+        :data:`~.multiplex.POLL_INTERVAL` seconds, and so has every task while the server
+        is out of memory.
 
         Raises
         ------
         celery.exceptions.TimeoutError
             When the deadline passes first.
         """
-        with bounded_by(deadline):
-            return _Follower(self, task_id, deadline, decode, consume, cap).run(on_message, on_step)
+        metas: dict[int, Meta] = {}
 
-
-class _Follower:
-    """The state of one ``on_message`` wait: what it has seen and how it must poll."""
-
-    def __init__(
-        self,
-        waiter: Waiter,
-        task_id: str,
-        deadline: Deadline,
-        decode: Callable[[Record], Meta],
-        consume: bool,
-        cap: float | None,
-    ) -> None:
-        self.waiter = waiter
-        self.store = waiter.store
-        self.task_id = task_id
-        self.deadline = deadline
-        self.decode = decode
-        self.consume = consume
-        self.cap = waiter.cap if cap is None else min(cap, waiter.cap)
-        self.ttl_ms = _ms(self.store.settings.result_expires_s)
-        self.pkey = self.store.layout.progress(task_id)
-        self.last = b"0-0"
-        self.warned: list[bool] = []
-        #: A key of Celery's redis:// backend holds this task: poll it.
-        self.legacy = False
-        #: The server refused the watch for lack of memory: poll everything.
-        self.full = False
-        #: The last block ended with news on the progress stream.
-        self.news = False
-        self.shown: bytes | None = None
-        self.backoff = _Backoff(deadline)
-
-    def run(self, on_message: Callable[[Meta], Any], on_step: Callable[[], Any] | None) -> Meta:
-        ready, metas = self._read(first=True)
-        # Like redis://, start with the current state, PENDING included.
-        pending: Meta = {"status": states.PENDING, "result": None}
-        for meta in [ready] if ready is not None else metas[-1:] or [pending]:
+        def seen(record: Record | None, first: bool) -> None:
+            meta = {"status": states.PENDING, "result": None} if record is None else decode(record)
+            metas[id(record)] = meta
             on_message(meta)
-        if ready is not None:
-            return ready
-        while True:
-            if self.deadline.expired:
-                raise _timed_out(self.task_id)
-            self._block()
-            ready, metas = self._read(first=False)
-            for meta in metas:
-                on_message(meta)
-            if ready is not None:
-                on_message(ready)
-            if on_step is not None:
-                on_step()
-            if ready is not None:
-                return ready
 
-    def _retried(self, op: Callable[[], T]) -> T:
-        return self.waiter._retried(op, self.task_id, self.deadline, self.warned)
+        def accept(record: Record) -> Meta | None:
+            meta = metas.pop(id(record))
+            final = record.kind == "ready" or meta["status"] in states.READY_STATES
+            return meta if record.kind != "progress" and final else None
 
-    def _read(self, first: bool) -> tuple[Meta | None, list[Meta]]:
-        """The ready meta if there is one, and the states not yet handed on."""
-        store, task_id = self.store, self.task_id
-        try:
-            ready, entries = self._retried(lambda: store.watch(task_id, self.last, self.ttl_ms))
-            self.full = False
-        except ServerFullError as exc:
-            _warn_full(exc)
-            self.full, ready, entries = True, None, []
-        if ready is not None and self.consume:
-            ready = self._retried(lambda: store.read_ready([task_id], consume=True).get(task_id))
-        if ready is not None:
-            return self.decode(ready), []
-        metas = []
-        for entry_id, payload in entries:
-            self.last = entry_id
-            if payload:
-                metas.append(self.decode(Record(task_id, self.pkey, payload, "progress")))
-                self.shown = payload
-        # A redis:// worker writes nowhere a block would notice: its key is read at
-        # first, after each block that ended empty, and polled once it is seen.
-        if first or self.legacy or self.full or not self.news:
-            polled = self._retried(
-                lambda: store.read_state(task_id) if self.full else store.read_fallback(task_id)
-            )
-            if polled is not None and polled.payload != self.shown:
-                self.shown = polled.payload
-                self.legacy = self.legacy or polled.kind == "fallback"
-                meta = self.decode(polled)
-                if polled.kind == "ready" or meta["status"] in states.READY_STATES:
-                    return meta, metas
-                metas.append(meta)
-        return None, metas
+        return self._through(
+            task_id,
+            deadline,
+            accept,
+            consume=consume,
+            progress=True,
+            on_step=on_step,
+            on_record=seen,
+            cap=cap,
+        )
 
-    def _block(self) -> None:
-        if self.full:
-            self.backoff.sleep()
-            return
-        seconds = self.deadline.block_for(POLL_MAX if self.legacy else self.cap)
-        store, last = self.store, self.last
-        self.news = self._retried(lambda: store.block_progress(self.task_id, last, seconds))
+
+def _serve(
+    watch: Watch,
+    woken: threading.Event,
+    deadline: Deadline,
+    accept: Callable[[Record], T | None],
+    on_step: Callable[[], Any] | None,
+    on_record: Callable[[Record | None, bool], None] | None,
+    step_cap: float,
+) -> T:
+    """The waiting side of one multiplexed wait (see :meth:`Waiter._through`)."""
+    started = stepped = False
+    while True:
+        items = watch.take()
+        if not items:
+            if deadline.expired:
+                raise _timed_out(watch.task_id)
+            woken.wait(deadline.block_for(step_cap))
+            woken.clear()
+            stepped = started
+            items = watch.take()
+        found = handle(watch, items, deadline, accept, on_record)
+        started = started or bool(items)
+        if stepped and on_step is not None:
+            on_step()
+        if found is not None:
+            return found
+
+
+def handle(
+    watch: Watch,
+    items: list[Any],
+    deadline: Deadline,
+    accept: Callable[[Record], T | None],
+    on_record: Callable[[Record | None, bool], None] | None = None,
+) -> T | None:
+    """What a multiplexed wait does with the items that arrived: hand each record to
+    ``on_record``, and return the first that ``accept`` takes.
+
+    Raises
+    ------
+    celery.exceptions.TimeoutError
+        For a failure that arrives once the deadline has passed.
+    PerkeyError
+        For any other failure: the multiplexer gave up on the server.
+    """
+    found = None
+    for item in items:
+        if isinstance(item, BaseException):
+            if deadline.expired:
+                raise _timed_out(watch.task_id) from item
+            raise item
+        record = item.record if isinstance(item, Initial) else item
+        if on_record is not None:
+            on_record(record, isinstance(item, Initial))
+        if record is not None and found is None:
+            found = accept(record)
+    return found
+
+
+def timed_out(task_id: str) -> TimeoutError:
+    """Celery's TimeoutError for a wait on ``task_id``."""
+    return _timed_out(task_id)
 
 
 def _ms(seconds: float | None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,6 +90,40 @@ def test_sweep_and_stats_walk_every_primary(
     assert summary.ttl_set == 30
     client = forever.backend.client
     assert all(client.ttl(forever.backend.layout.result(t)) > 0 for t in ids)
+
+
+def test_stalled_chords_are_repaired_on_a_cluster(
+    make_app: Any, cluster: LocalCluster, capp: Any
+) -> None:
+    """Header workers that died after storing their results: the sweep, walking every
+    primary, runs each chord's body (the chords' keys spread over the primaries)."""
+    from celery.app.task import Context
+
+    app = make_app(backend=cluster.url, broker_url="memory://", perkey_chord_claim_ttl="200ms")
+    backend = app.backend
+    bodies = {}
+    for n in range(6):
+        gid = f"g-stalled-{n}"
+        body = app.tasks["t.tsum"].s()
+        body.freeze()
+        bodies[gid] = body
+        backend.apply_chord((gid, [app.AsyncResult(f"{gid}-{i}") for i in range(3)]), body)
+        backend.set_chord_size(gid, 3)
+        for i in range(3):
+            request = Context(id=f"{gid}-{i}", group=gid, group_index=i, chord=body)
+            backend.store_result(f"{gid}-{i}", n + i, states.SUCCESS, request=request)
+    claims = [backend.layout.chord_keys(gid).claim for gid in bodies]
+    assert len(_on_every_primary(cluster, claims)) > 1
+    repaired = 0
+    with running_worker(app):
+        deadline = time.monotonic() + 30
+        while repaired < len(bodies):
+            assert time.monotonic() < deadline, f"{repaired} of {len(bodies)} repaired"
+            repaired += backend.run_sweep(chords_only=True).chords_repaired
+            time.sleep(0.05)
+        for n, body in enumerate(bodies.values()):
+            assert app.AsyncResult(body.id).get(timeout=10) == 3 * n + 3
+    assert backend.stats().chords_stalled == 0
 
 
 def test_a_wait_survives_a_slot_migration(capp: Any, cluster: LocalCluster) -> None:

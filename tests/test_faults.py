@@ -68,7 +68,7 @@ def test_wait_gives_up_after_retries_with_a_clear_error(make_app: Any) -> None:
 
 
 def test_garbage_progress_entry(app: Any, r: redis.Redis) -> None:
-    r.xadd(app.backend.layout.progress("t1"), {"m": b"\x00garbage"})
+    r.set(app.backend.layout.state("t1"), b"P1|\x00garbage")
     with pytest.raises(CorruptResultError, match="t1"):
         app.AsyncResult("t1").state  # noqa: B018
 

@@ -15,16 +15,25 @@ LAYOUT = KeyLayout(prefix="celery-perkey:")
     ["d2a4-uuid", "a}b", "{x}", "}", "{", "sp ace", "ünïcode", "*?[\\", "x" * 500, "a{b}c"],
 )
 def test_a_tasks_keys_share_one_slot(task_id: str) -> None:
-    result, progress = LAYOUT.result(task_id), LAYOUT.progress(task_id)
-    assert result != progress
-    assert key_slot(result.encode()) == key_slot(progress.encode())
+    names = [LAYOUT.result(task_id), LAYOUT.state(task_id), LAYOUT.watchers(task_id)]
+    assert len(set(names)) == 3
+    assert len({key_slot(name.encode()) for name in names}) == 1
 
 
 @pytest.mark.parametrize("group_id", ["g1", "g}1", "{g"])
 def test_a_groups_and_its_chords_keys_share_one_slot(group_id: str) -> None:
     names = [*LAYOUT.chord_keys(group_id), LAYOUT.group(group_id)]
-    assert len(set(names)) == 6
+    assert len(set(names)) == 7
     assert len({key_slot(name.encode()) for name in names}) == 1
+
+
+@pytest.mark.parametrize("group_id", ["g1", "g}1", "{g", "a{b}c", "ünï", "x" * 300])
+def test_a_chord_key_names_its_group(group_id: str) -> None:
+    for name in LAYOUT.chord_keys(group_id):
+        assert LAYOUT.chord_group(name) == group_id
+    assert LAYOUT.chord_group(LAYOUT.result(group_id)) is None
+    assert LAYOUT.chord_group(LAYOUT.group(group_id)) is None
+    assert LAYOUT.chord_group("celery-perkey:c:{}:c") is None
 
 
 def test_ids_with_braces_stay_distinct() -> None:

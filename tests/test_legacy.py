@@ -225,9 +225,9 @@ def test_on_message_sees_a_legacy_key_that_appears_after_the_wait_began(
         target=lambda: seen.append(app.AsyncResult("late").get(timeout=10, on_message=seen.append))
     )
     waiter.start()
-    # The wait's first read makes the task's (empty) progress stream: it has begun.
+    # The wait registers its process in the task's watchers: it has begun.
     deadline = time.monotonic() + 10
-    while not r.exists(app.backend.layout.progress("late")):
+    while not r.exists(app.backend.layout.watchers("late")):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     old_app.backend.store_result("late", "old worker", states.SUCCESS)

@@ -10,8 +10,6 @@ from celery import states
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from celery_perkey_backend.store import PROGRESS_GRACE_MS
-
 STATES = [
     states.STARTED,
     states.RETRY,
@@ -59,15 +57,14 @@ def test_any_sequence_of_stores(
     else:
         assert meta["result"] == accepted[1]
     # Every key of the task has a TTL exactly when result_expires is set; once the task
-    # is ready, its progress stream only lives a short grace.
-    rkey, pkey = app.backend.layout.result(task_id), app.backend.layout.progress(task_id)
+    # is ready, no intermediate state is kept.
+    rkey, skey = app.backend.layout.result(task_id), app.backend.layout.state(task_id)
     if r.exists(rkey):
         assert (r.pttl(rkey) > 0) == (expires is not None)
-    if r.exists(pkey):
-        if accepted[0] in states.READY_STATES:
-            assert 0 < r.pttl(pkey) <= PROGRESS_GRACE_MS
-        else:
-            assert (r.pttl(pkey) > 0) == (expires is not None)
+    if accepted[0] in states.READY_STATES:
+        assert not r.exists(skey)
+    else:
+        assert (r.pttl(skey) > 0) == (expires is not None)
     # A ready state is one element of one list, and only ready states are there.
     rkey = app.backend.layout.result(task_id)
     if accepted[0] in states.READY_STATES:

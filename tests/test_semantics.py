@@ -15,16 +15,21 @@ import redis
 from celery import chord, states
 from celery.result import ResultSet
 
+from celery_perkey_backend.testing import EmbeddedServer
+
 from .conftest import Boom, running_worker, wait_for_blocked_clients
 
 
 @pytest.mark.parametrize("scheme", ["redis", "perkey"])
-def test_a_failed_chord_header_wins_over_the_chord_error(
-    make_app: Any, server: Any, scheme: str
-) -> None:
-    db = 2 if scheme == "redis" else 0
-    app = make_app(backend=f"{scheme}://127.0.0.1:{server.port}/{db}")
-    with running_worker(app):
+def test_a_failed_chord_header_wins_over_the_chord_error(make_app: Any, scheme: str) -> None:
+    # A server of its own: redis:// leaves the subscription of a failed get() behind.
+    with (
+        EmbeddedServer() as own,
+        running_worker(
+            make_app(backend=f"{scheme}://127.0.0.1:{own.port}/0", broker_url="memory://")
+        ) as worker,
+    ):
+        app = worker.app
         # The header fails only once get() is already waiting on the body.
         header = [app.tasks["t.fail_later"].s(0.5, "header broke"), app.tasks["t.add"].s(1, 1)]
         result = chord(header)(app.tasks["t.tsum"].s())

@@ -26,8 +26,8 @@ def test_ready_result_is_one_list_element_with_ttl(app: Any, r: redis.Redis) -> 
     record = keys.parse_ready(r.lindex(rkey, 0))
     assert record.letter == "S"
     assert backend.decode(record.payload)["result"] == {"a": 1}
-    # No progress stream is created for a task that went straight to ready.
-    assert not r.exists(backend.layout.progress("t1"))
+    # No intermediate state is kept for a task that is ready.
+    assert not r.exists(backend.layout.state("t1"))
 
 
 def test_write_time_header_is_server_time(app: Any, r: redis.Redis) -> None:
@@ -64,11 +64,16 @@ def test_intermediate_states_stay_out_of_the_list(app: Any, r: redis.Redis) -> N
     backend.store_result("t1", None, states.STARTED)
     backend.store_result("t1", {"step": 3}, "PROGRESS")
     assert not r.exists(backend.layout.result("t1"))
-    assert r.type(backend.layout.progress("t1")) == b"stream"
-    assert r.pttl(backend.layout.progress("t1")) > 0
+    # The latest intermediate state only, in one small string with a TTL.
+    assert r.type(backend.layout.state("t1")) == b"string"
+    assert r.pttl(backend.layout.state("t1")) > 0
+    record = keys.parse_ready(r.get(backend.layout.state("t1")))
+    assert record.letter == "P"
     meta = backend.get_task_meta("t1")
     assert meta["status"] == "PROGRESS"
     assert meta["result"] == {"step": 3}
+    backend.store_result("t1", 3, states.SUCCESS)
+    assert not r.exists(backend.layout.state("t1"))
 
 
 def test_failure_expires_applies_to_failures_only(make_app: Any, r: redis.Redis) -> None:
@@ -96,7 +101,7 @@ def test_store_is_one_round_trip(app: Any, r: redis.Redis) -> None:
     assert diff["evalsha"] == 1
     # Everything else ran inside the script (commandstats counts those too): no GET
     # before the write and no MULTI around it.
-    inside = {"lindex", "del", "rpush", "pexpire", "exists", "xadd", "time", "info"}
+    inside = {"lindex", "del", "rpush", "pexpire", "smembers", "time", "info"}
     assert set(diff) - inside == {"evalsha"}
 
 
@@ -138,12 +143,14 @@ def test_global_keyprefix_and_own_prefix(make_app: Any, r: redis.Redis) -> None:
 
 def test_forget_removes_everything(app: Any, r: redis.Redis) -> None:
     backend = app.backend
-    backend.store_result("t1", None, "PROGRESS")
-    backend.store_result("t1", 1, states.SUCCESS)
-    assert r.dbsize() == 2
-    app.AsyncResult("t1").forget()
+    backend.store_result("running", None, "PROGRESS")
+    r.sadd(backend.layout.watchers("running"), "an inbox")
+    backend.store_result("done", 1, states.SUCCESS)
+    assert r.dbsize() == 3
+    app.AsyncResult("running").forget()
+    app.AsyncResult("done").forget()
     assert r.dbsize() == 0
-    assert app.AsyncResult("t1").state == states.PENDING
+    assert app.AsyncResult("done").state == states.PENDING
 
 
 def test_content_outside_result_accept_content_is_refused(make_app: Any) -> None:

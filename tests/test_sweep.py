@@ -86,7 +86,7 @@ def test_delete_policy_unlinks_only_what_is_too_old(no_ttl_app: Any, r: redis.Re
     assert not r.exists(layout.result("old"))
     assert r.exists(layout.result("young"))
     assert r.ttl(layout.result("young")) > 0
-    assert r.ttl(layout.progress("progressing")) > 0
+    assert r.ttl(layout.state("progressing")) > 0
 
 
 def test_dry_run_reports_exactly_and_changes_nothing(no_ttl_app: Any, r: redis.Redis) -> None:

@@ -79,3 +79,91 @@ def total(values: list[int]) -> int:
 @app.task(name="w.fail")
 def fail() -> None:
     raise ValueError("subprocess failure")
+
+
+# -- chord crash tests (tests/test_chord_crash.py) ------------------------------------
+#
+# With PERKEY_TEST_CHORD_HOOKS set, a worker SIGKILLs itself once at one step of the
+# chord protocol, as the side channel (db 3) says: its key "kill" holds
+# "<step>:<child|worker>" (the pool child, or the whole worker), and is deleted as the
+# kill happens, which sets "killed". Steps: before_claim (on_chord_part_return of the
+# header's last part, its result stored), after_claim (the claim won), before_publish
+# ("publishing" recorded, the body not sent), after_publish (the body sent, not yet
+# marked done), after_done (marked done, the header task not yet acknowledged).
+SIDE_DB = 3
+
+if os.environ.get("PERKEY_TEST_CHORD_CLAIM_TTL"):
+    app.conf.perkey_chord_claim_ttl = os.environ["PERKEY_TEST_CHORD_CLAIM_TTL"]
+
+
+def side_channel():  # type: ignore[no-untyped-def]
+    import redis
+
+    return redis.Redis(port=int(PORT), db=SIDE_DB)
+
+
+@app.task(name="w.count_body")
+def count_body(values: list[int], tag: str) -> int:
+    """A chord body that counts its runs in the side channel."""
+    side_channel().incr(f"body-runs:{tag}")
+    return sum(values)
+
+
+def _install_chord_kill() -> None:
+    import signal
+
+    from celery_perkey_backend.backend import PerkeyBackend
+    from celery_perkey_backend.store import ResultStore
+
+    side = side_channel()
+
+    def die(at: str) -> None:
+        spec = (side.get("kill") or b"").decode()
+        step, _, who = spec.partition(":")
+        if step == at and side.delete("kill"):
+            side.set("killed", spec)
+            if who == "worker":
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    part_returned = PerkeyBackend.on_chord_part_return
+
+    def on_chord_part_return(self, request, state, result, **kwargs):  # type: ignore[no-untyped-def]
+        # Header tasks run one at a time (--concurrency=1), in order: the last one
+        # completes the chord.
+        size = self.client.get(self.layout.chord_keys(request.group).size)
+        if size is not None and request.group_index == int(size) - 1:
+            die("before_claim")
+        return part_returned(self, request, state, result, **kwargs)
+
+    chord_part = ResultStore.chord_part
+
+    def claim(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        tally = chord_part(self, *args, **kwargs)
+        if tally.claimed:
+            die("after_claim")
+        return tally
+
+    chord_publishing = ResultStore.chord_publishing
+
+    def publishing(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        allowed = chord_publishing(self, *args, **kwargs)
+        die("before_publish")
+        return allowed
+
+    chord_done = ResultStore.chord_done
+
+    def done(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        die("after_publish")
+        finished = chord_done(self, *args, **kwargs)
+        die("after_done")
+        return finished
+
+    PerkeyBackend.on_chord_part_return = on_chord_part_return  # type: ignore[method-assign]
+    ResultStore.chord_part = claim  # type: ignore[method-assign]
+    ResultStore.chord_publishing = publishing  # type: ignore[method-assign]
+    ResultStore.chord_done = done  # type: ignore[method-assign]
+
+
+if os.environ.get("PERKEY_TEST_CHORD_HOOKS"):
+    _install_chord_kill()

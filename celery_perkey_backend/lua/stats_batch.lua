@@ -34,7 +34,7 @@ for n = 1, count do
     end
     if pttl == -1 then
       no_ttl = no_ttl + 1
-      local written = stamp(key, kind)
+      local written = stamp(key, kind, code)
       if written >= 0 and (oldest < 0 or written < oldest) then oldest = written end
     elseif pttl >= 0 then
       local b = 1

@@ -1,53 +1,83 @@
--- Writes one state of one task, atomically, in one round trip.
+-- Writes one state of one task, atomically, in one round trip, and tells the waiters
+-- that registered for it.
 --
--- KEYS: result, progress
--- ARGV: letter, payload, ttl_ms, history, grace_ms
+-- KEYS: result, state, watchers
+-- ARGV: letter, payload, ttl_ms, task_id, push, inline_max, inbox_ttl_ms
 --
--- result    the task's result list: one element once the task is ready
--- progress  the task's progress stream: intermediate states
--- letter    the ready state's letter (S, F, R), or "" for an intermediate state
--- payload   the encoded meta
--- ttl_ms    the TTL of what is written, 0 for none
--- history   how many intermediate states the stream keeps
--- grace_ms  how long the stream outlives the task becoming ready
+-- result        the task's result list: one element once the task is ready
+-- state         the task's latest intermediate state (STARTED, RETRY, PROGRESS, ...)
+-- watchers      the inboxes of the processes waiting on the task (register.lua)
+-- letter        the ready state's letter (S, F, R), or "" for an intermediate state
+-- payload       the encoded meta
+-- ttl_ms        the TTL of what is written, 0 for none
+-- task_id       the task's id, named in the notifications
+-- push          "1": push the notifications to the inboxes here (one server: the inbox
+--               keys are not declared, which only a cluster forbids); "0": return them
+-- inline_max    the largest stored element a notification carries along
+-- inbox_ttl_ms  the TTL an inbox gets with each notification
 --
--- Returns 1, or 0 when a stored SUCCESS was kept.
+-- Returns {0} when a stored SUCCESS was kept; {1} when stored (and any notifications
+-- pushed); {1, notification, inbox, ...} when stored and the caller must push it.
 --
 -- A stored SUCCESS is final, as in Celery's own backends. A ready state replaces the
 -- list's one element and gets its TTL before the script returns, so a waiter never
--- sees it without one: blocked clients are served only after the script ends. An
--- intermediate state goes to the stream, so list waiters never wake for it; a newer
--- intermediate state also clears an earlier non-SUCCESS ready one (a retried task).
--- Once ready, the stream (if any) gets a marker entry that wakes its readers, and then
--- only lives a short grace: the result answers every read, and a new stream costs the
--- server about 4 KB, which would otherwise stay for the whole result TTL.
-local rkey, pkey = KEYS[1], KEYS[2]
-local letter, payload = ARGV[1], ARGV[2]
-local ttl, history, grace = tonumber(ARGV[3]), ARGV[4], ARGV[5]
+-- sees it without one: blocked clients are served only after the script ends. Its
+-- intermediate state goes. An intermediate state is one small string, so waiters that
+-- block on the list never wake for it; a newer one also clears an earlier non-SUCCESS
+-- ready state (a retried task). Every stored element carries a header: the state's
+-- letter (P for an intermediate state) and the server's time in ms, then "|".
+--
+-- A notification is a kind letter, the task id's length, ":", the task id, then the
+-- stored element when it is at most inline_max bytes. Kinds: R ready, P intermediate;
+-- lower case when the element is left out (the waiter reads it).
+local rkey, skey, wkey = KEYS[1], KEYS[2], KEYS[3]
+local letter, payload, ttl, tid = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local push, inline_max, inbox_ttl = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local current = redis.call('LINDEX', rkey, 0)
 if current and string.sub(current, 1, 1) == 'S' then
-  return 0
+  return {0}
 end
 if current then
   redis.call('DEL', rkey)
 end
+local now = redis.call('TIME')
+local ms = string.format('%d', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+local element, kind
 if letter ~= '' then
-  local now = redis.call('TIME')
-  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  redis.call('RPUSH', rkey, letter .. string.format('%d', ms) .. '|' .. payload)
+  element, kind = letter .. ms .. '|' .. payload, 'R'
+  redis.call('RPUSH', rkey, element)
   if ttl > 0 then
     redis.call('PEXPIRE', rkey, ttl)
   end
-  if redis.call('EXISTS', pkey) == 1 then
-    redis.call('XADD', pkey, 'MAXLEN', history, '*', 'r', letter)
-    redis.call('PEXPIRE', pkey, grace)
-  end
+  redis.call('DEL', skey)
 else
-  redis.call('XADD', pkey, 'MAXLEN', history, '*', 'm', payload)
+  element, kind = 'P' .. ms .. '|' .. payload, 'P'
   if ttl > 0 then
-    redis.call('PEXPIRE', pkey, ttl)
+    redis.call('SET', skey, element, 'PX', ttl)
   else
-    redis.call('PERSIST', pkey)
+    redis.call('SET', skey, element)
   end
 end
-return 1
+local inboxes = redis.call('SMEMBERS', wkey)
+if #inboxes == 0 then
+  return {1}
+end
+if kind == 'R' then
+  redis.call('DEL', wkey)
+end
+local note = string.len(tid) .. ':' .. tid
+if string.len(element) <= inline_max then
+  note = kind .. note .. element
+else
+  note = string.lower(kind) .. note
+end
+if push == '1' then
+  for _, inbox in ipairs(inboxes) do
+    redis.call('RPUSH', inbox, note)
+    redis.call('PEXPIRE', inbox, inbox_ttl)
+  end
+  return {1}
+end
+local reply = {1, note}
+for _, inbox in ipairs(inboxes) do reply[#reply + 1] = inbox end
+return reply

@@ -40,7 +40,7 @@ for n = 1, count do
       class = 'L'
       if no_ttl then action = 't' end
     else
-      local written = stamp(key, kind)
+      local written = stamp(key, kind, code)
       if written >= 0 and written < cutoff then
         class = 'O'
         if delete then action = 'u' elseif no_ttl then action = 't' end

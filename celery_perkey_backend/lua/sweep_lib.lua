@@ -2,16 +2,21 @@
 -- types each kind of key may have. Kind codes come from the caller (KeyLayout.kind_of),
 -- so no script parses key names.
 
--- When a key was last written, in server ms, or -1 when the key does not say: a
--- result's header, a progress stream's newest entry id.
-local function stamp(key, kind)
-  if kind == 'list' then
-    local v = redis.call('LINDEX', key, 0)
-    if v then
-      local ms = string.match(v, '^%a(%d+)|')
-      if ms then return tonumber(ms) end
-    end
-  elseif kind == 'stream' then
+-- When a key was last written, in server ms, or -1 when the key does not say: the
+-- header of a result or of an intermediate state, a progress stream's newest entry id
+-- (streams are what versions before 0.2 kept intermediate states in).
+local function stamp(key, kind, code)
+  local v
+  if kind == 'list' and code == 'r' then
+    v = redis.call('LINDEX', key, 0)
+  elseif kind == 'string' and code == 's' then
+    v = redis.call('GET', key)
+  end
+  if v then
+    local ms = string.match(v, '^%a(%d+)|')
+    if ms then return tonumber(ms) end
+  end
+  if kind == 'stream' then
     local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
     local id
     if last then
@@ -29,7 +34,8 @@ end
 
 -- The Redis types each kind of key of ours may have.
 local expected = {
-  r = {list = true}, p = {stream = true}, g = {string = true},
-  j = {zset = true, list = true}, s = {string = true}, c = {string = true},
-  t = {string = true}, d = {set = true},
+  r = {list = true}, s = {string = true}, p = {stream = true}, w = {set = true},
+  i = {list = true}, g = {string = true}, j = {zset = true, list = true},
+  n = {string = true}, c = {string = true}, t = {string = true}, d = {set = true},
+  b = {string = true},
 }

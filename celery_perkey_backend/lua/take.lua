@@ -1,13 +1,13 @@
 -- Takes a ready result in read-once mode: the one way a result is consumed.
 --
--- KEYS: result, progress
+-- KEYS: result, state
 --
--- result    the task's result list
--- progress  the task's progress stream
+-- result  the task's result list
+-- state   the task's latest intermediate state
 --
 -- Returns the ready element, or false when there is none (nothing is changed then).
 --
--- The element and the progress history go together, atomically, so a consumed task
+-- The element and any intermediate state go together, atomically, so a consumed task
 -- leaves no key behind, and of several readers exactly one gets the element.
 local ready = redis.call('RPOP', KEYS[1])
 if ready then

@@ -1,0 +1,252 @@
+"""Await Celery results from asyncio, without polling and without a thread per wait.
+
+::
+
+    from celery_perkey_backend import aio
+
+    value = await aio.wait(add.delay(2, 2), timeout=10)
+    async for done in aio.as_completed([a, b, c], timeout=30):
+        print(done.id, done.result)
+    async for meta in aio.watch(progress_task.delay(), timeout=60):
+        print(meta["status"], meta["result"])
+
+Every wait of the process, from any event loop, is served by its one
+:class:`~.multiplex.Multiplexer`: two background threads on two connections, woken by
+the notifications the store script pushes, with the result list as the truth. A wait
+costs no connection and no thread of its own, so tens of thousands can run at once; a
+cancelled wait leaves nothing behind (it never owns a connection, so none can be left
+out of sync). It works with the app's configured backend, by configuration alone; an
+app whose backend is not ``perkey`` gets a :class:`ConfigurationError`.
+
+The answers are those of ``result.get()``: the value, or the task's exception (with
+``propagate``), Celery's ``TimeoutError`` when ``timeout`` passes, ``TaskRevokedError``
+for a revoked task, and, as ``get()`` follows parents, a failed parent's own error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from celery import states
+from celery.result import AsyncResult, ResultSet
+
+from .backend import PerkeyBackend
+from .deadline import Deadline
+from .errors import ConfigurationError
+from .multiplex import Watch
+from .store import Record
+from .waiting import MAX_BLOCK, PARENT_CHECK, handle, timed_out
+
+__all__ = ["as_completed", "wait", "watch"]
+
+Meta = dict[str, Any]
+
+
+def _backend(result: AsyncResult | ResultSet) -> PerkeyBackend:
+    backend = result.backend if isinstance(result, AsyncResult) else result.app.backend
+    if not isinstance(backend, PerkeyBackend):
+        raise ConfigurationError(
+            f"celery_perkey_backend.aio needs the perkey result backend; the app "
+            f"{result.app.main!r} uses {type(backend).__name__} ({backend.as_uri()})"
+        )
+    return backend
+
+
+class _Waits:
+    """Multiplexed waits of one coroutine, woken on its event loop."""
+
+    def __init__(self, backend: PerkeyBackend) -> None:
+        self.backend = backend
+        self.mux = backend.waiter.mux
+        self.loop = asyncio.get_running_loop()
+        self.woken = asyncio.Event()
+        self.watches: list[Watch] = []
+
+    def _wake(self) -> None:
+        # Called by the multiplexer's threads; the loop may have closed meanwhile.
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.woken.set)
+
+    def add(self, task_id: str, progress: bool = False) -> Watch:
+        watch = self.mux.watch(
+            task_id, self._wake, progress=progress, consume=self.backend.settings.read_once
+        )
+        self.watches.append(watch)
+        return watch
+
+    def close(self) -> None:
+        for watch in self.watches:
+            self.mux.release(watch)
+        self.watches.clear()
+
+    async def step(self, deadline: Deadline, cap: float) -> None:
+        """Sleep until something arrives, ``cap`` passes, or the deadline does."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.woken.wait(), deadline.block_for(cap))
+        self.woken.clear()
+
+
+async def _check_parents(result: AsyncResult) -> None:
+    """Raise a failed parent's own error, as ``get()`` does (the read is a blocking
+    one, so it runs in the loop's executor)."""
+    parents = []
+    node = result.parent
+    while node is not None:
+        parents.append(node)
+        node = getattr(node, "parent", None)
+    if parents:
+        loop = asyncio.get_running_loop()
+        for parent in reversed(parents):
+            await loop.run_in_executor(None, parent.maybe_throw)
+
+
+async def wait(
+    result: AsyncResult | ResultSet, timeout: float | None = None, propagate: bool = True
+) -> Any:
+    """What ``result.get(timeout=…, propagate=…)`` returns, awaited.
+
+    Parameters
+    ----------
+    result:
+        An ``AsyncResult``, or a ``GroupResult``/``ResultSet`` (then a list of values
+        in its order, as ``join_native`` gives).
+    timeout:
+        Seconds, or ``None`` to wait as long as it takes.
+    propagate:
+        Raise the task's exception (or a failed parent's) instead of returning it.
+
+    Raises
+    ------
+    celery.exceptions.TimeoutError
+        When ``timeout`` passes first.
+    Exception
+        The task's own exception, ``TaskRevokedError``, or a failed parent's error,
+        with ``propagate``.
+    ConfigurationError
+        If the app's result backend is not ``perkey``.
+    """
+    if isinstance(result, ResultSet):
+        return await _wait_all(result, timeout, propagate)
+    backend = _backend(result)
+    follow = propagate and result.parent is not None
+    if follow:
+        await _check_parents(result)
+    deadline = Deadline(timeout)
+    waits = _Waits(backend)
+    try:
+        watch = waits.add(str(result.id))
+        started = False
+        while True:
+            items = watch.take()
+            stepped = False
+            if not items:
+                if deadline.expired:
+                    raise timed_out(str(result.id))
+                await waits.step(deadline, PARENT_CHECK if follow else MAX_BLOCK)
+                stepped, items = started, watch.take()
+            meta = handle(watch, items, deadline, backend.final)
+            started = started or bool(items)
+            if stepped and follow:
+                await _check_parents(result)
+            if meta is not None:
+                return backend.settle(result, meta, propagate)
+    finally:
+        waits.close()
+
+
+async def _wait_all(group: ResultSet, timeout: float | None, propagate: bool) -> list[Any]:
+    async for done in as_completed(group.results, timeout):
+        if propagate and done.state in states.PROPAGATE_STATES:
+            done.maybe_throw(propagate=True)
+    return [member.result for member in group.results]
+
+
+async def as_completed(
+    results: Iterable[AsyncResult], timeout: float | None = None
+) -> AsyncIterator[AsyncResult]:
+    """Yield each result as it becomes ready, with its state and value in hand.
+
+    Raises
+    ------
+    celery.exceptions.TimeoutError
+        When ``timeout`` passes before every result is ready.
+    """
+    pending = {str(member.id): member for member in results}
+    if not pending:
+        return
+    backend = _backend(next(iter(pending.values())))
+    deadline = Deadline(timeout)
+    waits = _Waits(backend)
+    try:
+        watches = [waits.add(task_id) for task_id in pending]
+        while pending:
+            arrived = False
+            for watch in watches:
+                if watch.task_id not in pending:
+                    continue
+                items = watch.take()
+                arrived = arrived or bool(items)
+                meta = handle(watch, items, deadline, backend.final)
+                if meta is not None:
+                    done = pending.pop(watch.task_id)
+                    backend.settle(done, meta, propagate=False)
+                    yield done
+            if pending and not arrived:
+                if deadline.expired:
+                    raise timed_out(next(iter(pending)))
+                await waits.step(deadline, MAX_BLOCK)
+    finally:
+        waits.close()
+
+
+async def watch(result: AsyncResult, timeout: float | None = None) -> AsyncIterator[Meta]:
+    """Yield the task's state when the watch begins (PENDING included), then each new
+    state as it is stored (STARTED, PROGRESS, RETRY, ...), then the final one: the
+    asyncio form of ``get(on_message=…)``.
+
+    Raises
+    ------
+    celery.exceptions.TimeoutError
+        When ``timeout`` passes before the task is ready.
+    """
+    backend = _backend(result)
+    deadline = Deadline(timeout)
+    waits = _Waits(backend)
+    try:
+        task_id = str(result.id)
+        watched = waits.add(task_id, progress=True)
+        while True:
+            items = watched.take()
+            if not items:
+                if deadline.expired:
+                    raise timed_out(task_id)
+                await waits.step(deadline, MAX_BLOCK)
+                continue
+            shown: list[tuple[Meta, bool]] = []
+            handle(watched, items, deadline, lambda record: None, _collect(backend, shown))
+            for meta, final in shown:
+                yield meta
+                if final:
+                    backend.settle(result, meta, propagate=False)
+                    return
+    finally:
+        waits.close()
+
+
+def _collect(backend: PerkeyBackend, into: list[tuple[Meta, bool]]) -> Any:
+    """An ``on_record`` that decodes each state into ``into``, with whether it is final."""
+
+    def seen(record: Record | None, first: bool) -> None:
+        if record is None:
+            into.append(({"status": states.PENDING, "result": None}, False))
+            return
+        meta = backend.decode_record(record)
+        final = record.kind == "ready" or (
+            record.kind == "fallback" and meta["status"] in states.READY_STATES
+        )
+        into.append((meta, final))
+
+    return seen

@@ -1,0 +1,38 @@
+-- Judges whether a chord has stalled: its header is complete, its body not marked
+-- published, and its claim past its deadline; and, if asked to, claims it.
+--
+-- USES: chord_lib
+-- KEYS: results, size, claim, added
+-- ARGV: ordered, take, token, claim_ttl_ms
+--
+-- ordered       "1" when results are a zset by index
+-- take          "1" to claim a stalled chord, "0" only to judge
+-- token         the caller's claim token
+-- claim_ttl_ms  how long the caller's claim holds
+--
+-- Returns {verdict, total, claim seen}. Verdicts: "-" not stalled (incomplete, claimed
+-- in time, done, or gone); "S" stalled (when only judging); "C" claimed now by the
+-- caller (its claimer never sent the body); "P" stalled while publishing: the claim
+-- seen is returned, for the caller to look for the body before it takes it over.
+local results, size, claim, added = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local seen = redis.call('GET', claim)
+local state, _, deadline = parse_claim(seen)
+if not state then
+  return {'-', 0, ''}
+end
+local count, total = tally(results, size, added, ARGV[1])
+if not total or count < total then
+  return {'-', total or 0, ''}
+end
+local now = now_ms()
+if now < deadline then
+  return {'-', total, ''}
+end
+if ARGV[2] ~= '1' then
+  return {'S', total, ''}
+end
+if state == 'P' then
+  return {'P', total, seen}
+end
+set_claim(claim, claim_value('C', ARGV[3], now + tonumber(ARGV[4])), 0)
+return {'C', total, ''}

@@ -1,0 +1,214 @@
+"""A chord's body runs when it should, with `celery worker` subprocesses SIGKILLed at
+each step of the chord protocol.
+
+Workers run with `task_acks_late` and `task_reject_on_worker_lost` (tests/worker_app.py,
+visibility timeout 2 s), one task at a time, so the header's last task is the one that
+completes the chord. A hook in the worker SIGKILLs its pool child or the whole worker at
+the step the side channel names; the body counts its runs in the side channel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import chord
+
+from celery_perkey_backend.sweep import SweepSummary
+
+ROOT = Path(__file__).resolve().parent.parent
+VISIBILITY_S = 2.0  # worker_app's broker visibility timeout under PERKEY_TEST_ACKS_LATE
+HEADER = 3  # w.mul(i, 1) for i < 3: the body returns 0 + 1 + 2
+WAIT_S = 60.0
+
+
+class Crash:
+    """The servers' three databases, the workers started, and the client app."""
+
+    def __init__(self, server: Any, app: Any, tmp_path: Path) -> None:
+        self.server = server
+        self.app = app
+        self.logs = tmp_path
+        self.results = redis.Redis(port=server.port, db=0)
+        self.broker = redis.Redis(port=server.port, db=1)
+        self.side = redis.Redis(port=server.port, db=3)
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def worker(self, claim_ttl: str) -> subprocess.Popen[bytes]:
+        env = dict(
+            os.environ,
+            PERKEY_TEST_PORT=str(self.server.port),
+            PERKEY_TEST_ACKS_LATE="1",
+            PERKEY_TEST_CHORD_HOOKS="1",
+            PERKEY_TEST_CHORD_CLAIM_TTL=claim_ttl,
+        )
+        log = (self.logs / f"worker-{len(self.workers)}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker",
+             "--loglevel=WARNING", "--pool=prefork", "--concurrency=1",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        self.workers.append(proc)
+        return proc
+
+    def chord(self, tag: str, kill: str) -> Any:
+        """Send a chord whose worker dies at ``kill`` ("<step>:<child|worker>")."""
+        self.side.set("kill", kill)
+        app = self.app
+        header = [app.signature("w.mul", args=(i, 1)) for i in range(HEADER)]
+        return chord(header, app.signature("w.count_body", kwargs={"tag": tag})).apply_async()
+
+    def killed(self, kill: str) -> None:
+        wait(lambda: self.side.get("killed") == kill.encode(), f"the kill at {kill}")
+        self.side.delete("killed")
+
+    def runs(self, tag: str) -> int:
+        return int(self.side.get(f"body-runs:{tag}") or 0)
+
+    def quiet(self) -> bool:
+        """Nothing queued and nothing delivered but unacknowledged."""
+        return self.broker.llen("celery") == 0 and self.broker.hlen("unacked") == 0
+
+    def redeliverable(self) -> bool:
+        """Every unacknowledged message is past the visibility timeout: a worker that
+        starts now hands it out again first (kombu restores at start-up)."""
+        young = self.broker.zcount("unacked_index", time.time() - VISIBILITY_S - 0.1, "+inf")
+        return self.broker.zcard("unacked_index") > 0 and young == 0
+
+    def sweep(self) -> SweepSummary:
+        """Sweep for stalled chords until it finds one (past its claim's deadline)."""
+        found: list[SweepSummary] = []
+
+        def swept() -> bool:
+            found.append(self.app.backend.run_sweep(chords_only=True))
+            return found[-1].chords_stalled > 0
+
+        wait(swept, "the sweep to find a stalled chord")
+        return found[-1]
+
+    def claim(self, result: Any) -> bytes | None:
+        """The chord's claim key: "done" once its body is recorded as published."""
+        value: bytes | None = self.results.get(
+            self.app.backend.layout.chord_keys(result.parent.id).claim
+        )
+        return value
+
+
+def wait(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture
+def crash(server: Any, make_app: Any, tmp_path: Path) -> Iterator[Crash]:
+    # make_app's client emptied every database; its claims (in repairs) last 1 s.
+    harness = Crash(server, make_app(perkey_chord_claim_ttl="1s"), tmp_path)
+    try:
+        yield harness
+    finally:
+        for proc in harness.workers:
+            _stop(proc)
+
+
+def test_a_pool_child_killed_before_the_body_is_sent(crash: Crash) -> None:
+    """Celery acknowledges the header task (its result is stored), so nothing is
+    redelivered: the sweep publishes the body once the claim's deadline passes."""
+    crash.worker(claim_ttl="1s")
+    for step in ("before_claim", "after_claim", "before_publish"):
+        kill = f"{step}:child"
+        result = crash.chord(step, kill)
+        crash.killed(kill)
+        wait(crash.quiet, f"{step}: the header task acknowledged")
+        assert crash.runs(step) == 0, step  # nothing left that could publish it
+        summary = crash.sweep()
+        assert (summary.chords_repaired, summary.chords_failed) == (1, 0), step
+        assert result.get(timeout=WAIT_S) == 3, step
+        wait(crash.quiet, f"{step}: the body acknowledged")
+        assert crash.runs(step) == 1, step
+        assert crash.claim(result) == b"done", step
+        assert crash.app.backend.run_sweep(chords_only=True).chords_stalled == 0
+
+
+@pytest.mark.parametrize("step", ["before_claim", "after_claim", "after_done"])
+def test_a_worker_killed_and_restarted_runs_the_body_once(crash: Crash, step: str) -> None:
+    """The redelivered header task claims the body (before_claim), takes over a claim
+    past its deadline (after_claim), or finds the chord done (after_done)."""
+    kill = f"{step}:worker"
+    first = crash.worker(claim_ttl="1s")
+    result = crash.chord(step, kill)
+    crash.killed(kill)
+    first.wait(WAIT_S)
+    # The redelivery comes after the visibility timeout (2 s), past the 1 s claim.
+    wait(crash.redeliverable, "the header task to be redeliverable")
+    crash.worker(claim_ttl="1s")
+    assert result.get(timeout=WAIT_S) == 3
+    wait(crash.quiet, "the redelivered header task acknowledged")
+    assert crash.runs(step) == 1
+    assert crash.claim(result) == b"done"
+
+
+def test_a_worker_killed_after_publishing_and_restarted_within_the_claim(crash: Crash) -> None:
+    """The issue's duplicate: the body is in the broker, the chord not marked done.
+
+    The redelivered header task finds a live "publishing" claim and leaves it; the
+    body runs from the queue; the sweep, past the deadline, finds the body's result
+    and records the chord done instead of publishing it again.
+    """
+    kill = "after_publish:worker"
+    first = crash.worker(claim_ttl="12s")
+    result = crash.chord("published", kill)
+    crash.killed(kill)
+    first.wait(WAIT_S)
+    wait(crash.redeliverable, "the header task to be redeliverable")
+    crash.worker(claim_ttl="12s")
+    assert result.get(timeout=WAIT_S) == 3
+    wait(crash.quiet, "the redelivered header task acknowledged")
+    assert crash.runs("published") == 1
+    summary = crash.sweep()
+    assert (summary.chords_settled, summary.chords_repaired, summary.chords_failed) == (1, 0, 0)
+    assert crash.claim(result) == b"done"
+    wait(crash.quiet, "nothing more to run")
+    assert crash.runs("published") == 1
+
+
+def test_the_duplicate_window(crash: Crash) -> None:
+    """The README's window: the publisher died between the broker taking the body and
+    the backend recording it, and the body had not run when the takeover looked. The
+    body is published again (at least once), so it runs twice."""
+    kill = "after_publish:worker"
+    first = crash.worker(claim_ttl="1s")
+    result = crash.chord("window", kill)
+    crash.killed(kill)
+    first.wait(WAIT_S)
+    # No worker runs the queued body before the sweep looks.
+    summary = crash.sweep()
+    assert (summary.chords_repaired, summary.chords_settled) == (1, 0)
+    assert crash.claim(result) == b"done"
+    wait(crash.redeliverable, "the header task to be redeliverable")
+    crash.worker(claim_ttl="1s")
+    assert result.get(timeout=WAIT_S) == 3
+    wait(lambda: crash.runs("window") == 2 and crash.quiet(), "both bodies to run")
+    assert crash.runs("window") == 2
