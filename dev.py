@@ -4,8 +4,8 @@
     python3 dev.py test       # lint, type-check and run the test suite with coverage
     python3 dev.py example    # run the example app on a private server with a real worker
     python3 dev.py lint       # ruff and mypy only
-    python3 dev.py matrix     # the compatibility matrix: every server, every Python
-                              # (--rest: only what ``test`` did not already cover)
+    python3 dev.py matrix     # the compatibility matrix: every server, every Python,
+                              # and hiredis (--rest: only what ``test`` did not cover)
     python3 dev.py bench      # the benchmarks: docs/benchmarks/results.md and plots
     python3 dev.py load       # the 100,000-task load runs; adds their figures to
                               # docs/reliability.md
@@ -102,16 +102,25 @@ def matrix(rest: bool = False) -> None:
         print(f"== Python {version}", flush=True)
         run(target / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
             *CORE_TESTS)  # fmt: skip
+    # The suite runs on redis-py's pure-Python parser (the default install); the core
+    # tests and the parser benchmark run once more with the `hiredis` extra.
+    target = python_env(here, "dev,hiredis")
+    print("== hiredis", flush=True)
+    files = [arg for arg in CORE_TESTS if arg.startswith("tests/")]
+    run(target / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
+        "tests/test_benchmarks_smoke.py", "-m", "not slow",
+        "-k", "not large_keyspace and not quick_benchmark_run and not cluster_run")  # fmt: skip
 
 
-def python_env(version: str) -> Path:
-    """A venv of ``version`` with the dev extras, reused while pyproject.toml is unchanged.
+def python_env(version: str, extras: str = "dev") -> Path:
+    """A venv of ``version`` with ``extras``, reused while pyproject.toml is unchanged.
 
     A new pyproject.toml builds a new one from nothing; a reused one only gets this
     checkout installed into it again (without its dependencies).
     """
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
-    target = CACHE / f"venv-{version}-{digest}"
+    flavour = "" if extras == "dev" else "-" + extras.replace(",", "-")
+    target = CACHE / f"venv-{version}{flavour}-{digest}"
     pip = [target / "bin" / "python", "-m", "pip", "install", "--quiet",
            "--disable-pip-version-check"]  # fmt: skip
     if (target / "ready").exists():
@@ -119,7 +128,7 @@ def python_env(version: str) -> Path:
         return target
     shutil.rmtree(target, ignore_errors=True)
     run(find_python(version), "-m", "venv", target)
-    run(*pip, "-e", ".[dev]")
+    run(*pip, "-e", f".[{extras}]")
     (target / "ready").write_text("installed\n")
     return target
 

@@ -258,7 +258,7 @@ def render(results: Results, names: Sequence[str], figures: Sequence[str]) -> st
 
 def run_cluster(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     """``python -m benchmarks --server cluster``, from the parsed arguments."""
-    from .runner import FIGURES, _log, _select, _warm, run_meta
+    from .runner import FIGURES, _log, _select, run_meta, warm
 
     started = time.monotonic()
     load_start = os.getloadavg()[0]
@@ -318,7 +318,7 @@ def run_cluster(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             f"{cluster.node_timeout_ms} ms, asynchronous replication: perkey_min_replicas=0)"
         )
         for side in sides:
-            _warm(side.bench)
+            warm(side.bench)
         for figure in figures:
             _log(started, f"{figure} ...")
             begun = time.monotonic()

@@ -166,6 +166,9 @@ LABELS = {
     "sqlite": "db+sqlite://",
     "raw": "raw redis-py (floor)",
     "perkey-tracked": "perkey:// running (STARTED)",
+    "perkey-hiredis": "perkey:// with hiredis",
+    "perkey-python": "perkey:// pure-Python parser",
+    "perkey-baseline": "perkey:// --baseline tree, with hiredis",
 }
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"

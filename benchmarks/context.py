@@ -35,6 +35,8 @@ class Bench:
     helper: Helper
     pool: str = "prefork"
     cluster_ports: tuple[int, ...] = ()
+    #: Another revision's package directory, for the baseline side of figure 10.
+    baseline: Path | None = None
     apps: dict[str, Celery] = field(default_factory=dict)
     clients: dict[int, redis.Redis] = field(default_factory=dict)
     _sink: str | None = None

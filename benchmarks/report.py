@@ -81,6 +81,22 @@ SECTIONS: list[tuple[str, str, list[Metric]]] = [
             Metric("sweep_probe_p99_during", "sweep", "... p99, during a sweep", "ns"),
         ],
     ),
+    (
+        "parser",
+        "10. hiredis against redis-py's pure-Python parser (perkey://)",
+        [
+            Metric("parser_store", "parser", "store", "ns"),
+            Metric("parser_read", "parser", "ready read", "ns"),
+            Metric("parser_wake_p50", "parser", "wake p50", "ns"),
+            Metric("parser_wake_p99", "parser", "wake p99", "ns"),
+            Metric("parser_join_stored", "parser", "join of 1,000 stored", "ns"),
+            Metric(
+                "parser_sweep_scan_rate", "parser", "sweep keys/s", "per_s", lower_is_better=False
+            ),
+            Metric("parser_sweep_probe_p99_idle", "parser", "PING p99, no sweep", "ns"),
+            Metric("parser_sweep_probe_p99_during", "parser", "PING p99, during a sweep", "ns"),
+        ],
+    ),
 ]
 
 METRICS = {metric.key: metric for _, _, metrics in SECTIONS for metric in metrics}
@@ -247,6 +263,42 @@ def _scan(results: Results) -> Outcome:
     return Outcome(f"{cell(rate, 'per_s')} over {n} keys", median(rate) >= 100_000)
 
 
+def _hiredis_scan(results: Results) -> Outcome:
+    rate = results.get("parser_sweep_scan_rate", "perkey-hiredis")
+    if not rate:
+        return Outcome("not measured", None)
+    ratios = round_ratios(results, "parser_sweep_scan_rate", "perkey-hiredis", "perkey-python")
+    return Outcome(
+        f"{cell(rate, 'per_s')}; {_ratio_text(ratios)} the pure-Python parser's rate",
+        median(rate) >= 150_000,
+    )
+
+
+#: Another client's PING p99 during a sweep in the recorded run before the sweep took one
+#: round trip per batch (pure-Python parser, docs/benchmarks/README.md): "today's" figure,
+#: for runs without ``--baseline``.
+RECORDED_SWEEP_P99_NS = 1.78e6
+
+
+def _hiredis_tail(results: Results) -> Outcome:
+    """With hiredis, another client's p99 during a sweep against the baseline tree's in
+    the same run (``--baseline``), else against the recorded figure."""
+    ours = results.get("parser_sweep_probe_p99_during", "perkey-hiredis")
+    if not ours:
+        return Outcome("not measured", None)
+    base = results.get("parser_sweep_probe_p99_during", "perkey-baseline")
+    if base:
+        ratios = round_ratios(
+            results, "parser_sweep_probe_p99_during", "perkey-hiredis", "perkey-baseline"
+        )
+        text = (
+            f"{cell(ours, 'ns')} against the baseline's {cell(base, 'ns')}: {_ratio_text(ratios)}"
+        )
+        return Outcome(text, median(ours) <= median(base))
+    text = f"{cell(ours, 'ns')}; {fmt(RECORDED_SWEEP_P99_NS, 'ns')} recorded before"
+    return Outcome(text, median(ours) <= RECORDED_SWEEP_P99_NS)
+
+
 TARGETS = [
     Target("wake p50 ≥ 3x lower than redis://", _faster("wake_p50", 3.0)),
     Target("wake p50 within 1.5x of the raw LPUSH→BRPOP floor", _near_floor),
@@ -258,6 +310,12 @@ TARGETS = [
     Target("memory per result ≤ redis:// + 100 B on Redis 7.0", _memory),
     Target("cleaning 1,000 orphans < 50 ms", _orphans),
     Target("sweeper scans ≥ 100k keys/s", _scan),
+    Target("with hiredis, the sweeper scans ≥ 150k keys/s (default batch)", _hiredis_scan),
+    Target(
+        "with hiredis, another client's p99 during a sweep no worse than before (the "
+        "--baseline tree's, or 1.78 ms)",
+        _hiredis_tail,
+    ),
 ]
 
 
@@ -305,8 +363,34 @@ def render(results: Results, section_notes: dict[str, str]) -> str:
         if key in section_notes:
             lines += [section_notes[key], ""]
         lines += [*table, ""]
+        if key == "parser":
+            lines += parser_ratios(results, metrics)
     lines += ["## Targets", "", *targets_table(results), ""]
     return "\n".join(lines)
+
+
+def parser_ratios(results: Results, metrics: Sequence[Metric]) -> list[str]:
+    """How many times better the hiredis side does than each other side, per metric."""
+    rows = []
+    for other, label in (("perkey-python", "pure-Python parser"), ("perkey-baseline", "baseline")):
+        cells = []
+        for metric in metrics:
+            if metric.lower_is_better:
+                ratios = round_ratios(results, metric.key, other, "perkey-hiredis")
+            else:
+                ratios = round_ratios(results, metric.key, "perkey-hiredis", other)
+            cells.append(_ratio_text(ratios) if ratios else "-")
+        if any(c != "-" for c in cells):
+            rows.append(f"| against the {label} | " + " | ".join(cells) + " |")
+    return [
+        "The hiredis side's advantage, round by round (the other side's time / hiredis's; "
+        "hiredis's rate / the other's; above 1 is better on the hiredis side):",
+        "",
+        "| | " + " | ".join(m.title for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+        *rows,
+        "",
+    ]
 
 
 def notes_lines(results: Results) -> list[str]:

@@ -30,6 +30,7 @@ from .groups import run_join
 from .helper import Helper
 from .latency import run_read, run_store, run_wake
 from .memory import run_memory
+from .parsers import run_parsers
 from .publish import run_publish
 from .sweeper import run_sweep
 
@@ -43,6 +44,7 @@ FIGURES: dict[str, Callable[[Bench], None]] = {
     "memory": run_memory,
     "connections": run_connections,
     "sweep": run_sweep,
+    "parser": run_parsers,
 }
 
 #: How each figure is taken, one line under its table in results.md.
@@ -79,6 +81,13 @@ SECTION_NOTES = {
         "TTL. PING latency of another process, during that sweep and for as long without "
         "one. Orphans: results stored with result_expires=None in an empty db; one sweep "
         "to give them a TTL, then (fresh ones) one with delete=True, max_age=0."
+    ),
+    "parser": (
+        "perkey:// only, figures 1-4 and 9 again, once with hiredis and once with redis-py's "
+        "pure-Python parser: each side in a child process of its own (the python side, its "
+        "helper process included, as if hiredis were not installed), the sides alternating "
+        "and their order flipping every round. The sweep is over the same keyspace as figure "
+        "9, at the default batch size."
     ),
     "memory": (
         "Fresh server per kind; INFO used_memory delta over N stores through each "
@@ -137,6 +146,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pool", choices=("prefork", "threads"), default="prefork", help="e2e worker pool"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a directory holding another revision's celery_perkey_backend package (e.g. "
+        "from git archive): figure 10 also runs its sweep, side by side",
+    )
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
     parser.add_argument(
         "--max-minutes",
@@ -185,8 +200,26 @@ def run_meta(
         f"{platform.release()}, load average {load_start:.2f} at the start, "
         f"{os.getloadavg()[0]:.2f} at the end",
         "software": f"Python {platform.python_version()}, celery {_version('celery')}, kombu "
-        f"{_version('kombu')}, redis-py {_version('redis')}" + more_software,
+        f"{_version('kombu')}, redis-py {_version('redis')} ({_parser()})" + more_software,
     }
+
+
+def _baseline(path: Path | None) -> Path | None:
+    """The ``--baseline`` directory, checked: it must hold the package."""
+    if path is None:
+        return None
+    if not (path / "celery_perkey_backend" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline {path}: no celery_perkey_backend package in it")
+    return path.resolve()
+
+
+def _parser() -> str:
+    """The parser redis-py uses in this process: hiredis (and its version), or Python's."""
+    import redis.utils
+
+    if redis.utils.HIREDIS_AVAILABLE:
+        return f"hiredis {_version('hiredis')}"
+    return "pure-Python parser"
 
 
 def _cpu_model() -> str:
@@ -212,7 +245,7 @@ def _select(raw: str, known: Sequence[str], what: str) -> list[str]:
     return [item for item in known if item in chosen]
 
 
-def _warm(bench: Bench) -> None:
+def warm(bench: Bench) -> None:
     """Connect every app, load scripts, create the sqlite tables, start rpc's consumer."""
     for spec in bench.specs:
         if spec.is_raw:
@@ -259,8 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(started, f"server {binary} on 127.0.0.1:{server.port}; backends: {', '.join(names)}")
         helper = Helper(specs, server.port)
         bench = Bench(
-            sizes, rounds, results, budget, server.port, Path(tmp), specs, helper, args.pool
-        )
+            sizes, rounds, results, budget, server.port, Path(tmp), specs, helper, args.pool,
+            baseline=_baseline(args.baseline),
+        )  # fmt: skip
         try:
             info = bench.client(0).info("server")
             server_name = (
@@ -268,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if "valkey_version" in info
                 else f"Redis {info['redis_version']}"
             )
-            _warm(bench)
+            warm(bench)
             for figure in figures:
                 if budget.exhausted:
                     results.unavailable.setdefault(figure, "Not run: the time budget ran out.")

@@ -26,7 +26,6 @@ for a revoked task, and, as ``get()`` follows parents, a failed parent's own err
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -38,7 +37,7 @@ from .deadline import Deadline
 from .errors import ConfigurationError
 from .multiplex import Watch
 from .store import Record
-from .waiting import MAX_BLOCK, PARENT_CHECK, handle, timed_out
+from .waiting import MAX_BLOCK, PARENT_CHECK, Steps
 
 __all__ = ["as_completed", "wait", "watch"]
 
@@ -82,10 +81,17 @@ class _Waits:
             self.mux.release(watch)
         self.watches.clear()
 
-    async def step(self, deadline: Deadline, cap: float) -> None:
-        """Sleep until something arrives, ``cap`` passes, or the deadline does."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.woken.wait(), deadline.block_for(cap))
+    async def sleep(self, seconds: float) -> None:
+        """Sleep until something arrives or ``seconds`` pass.
+
+        A timer sets the event rather than ``asyncio.wait_for``, which (before Python
+        3.12) swallows a cancellation that arrives as the awaited event is set.
+        """
+        timer = self.loop.call_later(seconds, self.woken.set)
+        try:
+            await self.woken.wait()
+        finally:
+            timer.cancel()
         self.woken.clear()
 
 
@@ -138,17 +144,13 @@ async def wait(
     waits = _Waits(backend)
     try:
         watch = waits.add(str(result.id))
-        started = False
+        steps = Steps(watch, deadline, PARENT_CHECK if follow else MAX_BLOCK)
         while True:
             items = watch.take()
-            stepped = False
             if not items:
-                if deadline.expired:
-                    raise timed_out(str(result.id))
-                await waits.step(deadline, PARENT_CHECK if follow else MAX_BLOCK)
-                stepped, items = started, watch.take()
-            meta = handle(watch, items, deadline, backend.final)
-            started = started or bool(items)
+                await waits.sleep(steps.pause())
+                items = watch.take()
+            meta, stepped = steps.absorb(items, backend.final)
             if stepped and follow:
                 await _check_parents(result)
             if meta is not None:
@@ -181,23 +183,20 @@ async def as_completed(
     deadline = Deadline(timeout)
     waits = _Waits(backend)
     try:
-        watches = [waits.add(task_id) for task_id in pending]
+        watches = {task_id: waits.add(task_id) for task_id in pending}
+        steps = {task_id: Steps(w, deadline, MAX_BLOCK) for task_id, w in watches.items()}
         while pending:
             arrived = False
-            for watch in watches:
-                if watch.task_id not in pending:
-                    continue
-                items = watch.take()
+            for task_id in list(pending):
+                items = watches[task_id].take()
                 arrived = arrived or bool(items)
-                meta = handle(watch, items, deadline, backend.final)
+                meta, _ = steps[task_id].absorb(items, backend.final)
                 if meta is not None:
-                    done = pending.pop(watch.task_id)
+                    done = pending.pop(task_id)
                     backend.settle(done, meta, propagate=False)
                     yield done
             if pending and not arrived:
-                if deadline.expired:
-                    raise timed_out(next(iter(pending)))
-                await waits.step(deadline, MAX_BLOCK)
+                await waits.sleep(min(steps[task_id].pause() for task_id in pending))
     finally:
         waits.close()
 
@@ -216,17 +215,15 @@ async def watch(result: AsyncResult, timeout: float | None = None) -> AsyncItera
     deadline = Deadline(timeout)
     waits = _Waits(backend)
     try:
-        task_id = str(result.id)
-        watched = waits.add(task_id, progress=True)
+        watched = waits.add(str(result.id), progress=True)
+        steps = Steps(watched, deadline, MAX_BLOCK)
         while True:
             items = watched.take()
             if not items:
-                if deadline.expired:
-                    raise timed_out(task_id)
-                await waits.step(deadline, MAX_BLOCK)
+                await waits.sleep(steps.pause())
                 continue
             shown: list[tuple[Meta, bool]] = []
-            handle(watched, items, deadline, lambda record: None, _collect(backend, shown))
+            steps.absorb(items, lambda record: None, _collect(backend, shown))
             for meta, final in shown:
                 yield meta
                 if final:

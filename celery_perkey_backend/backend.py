@@ -253,7 +253,11 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
             raise CorruptResultError(record.task_id, record.key, reason) from exc
 
     def final(self, record: Record) -> Meta | None:
-        """The meta of a ready result; ``None`` for a fallback key's unready state."""
+        """The meta of a ready result; ``None`` for an intermediate state (a multiplexed
+        wait that begins while the task runs is handed its STARTED or PROGRESS first)
+        and for a fallback key's unready state."""
+        if record.kind == "progress":
+            return None
         meta = self.decode_record(record)
         if record.kind == "fallback" and meta["status"] not in states.READY_STATES:
             return None
@@ -354,23 +358,22 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         cap: float | None = None,
     ) -> Meta:
         read_once = self.settings.read_once
-        others = [] if read_once else self.prefetch.others(task_id)
 
         def first() -> Meta | None:
             kept = self.prefetch.kept.pop(task_id, None)
             if kept is not None:
                 return kept
+            others = [] if read_once else self.prefetch.others(task_id)
             found = self._fetch_ready([task_id, *others], consume=read_once)
             return self.prefetch.keep(task_id, found)
 
-        # Through the multiplexer, registering reads the task too: read first only to
-        # serve a join (this thread waits on several results) in one round trip.
-        alone = not others and task_id not in self.prefetch.kept
+        # Through the multiplexer, registering reads the task (and concurrent waits
+        # register together): no read of its own, on a connection of its own.
         return self.waiter.until_ready(
             task_id,
             deadline,
             self.final,
-            first=None if self.waiter.multiplex and alone else first,
+            first=None if self.waiter.multiplex else first,
             consume=read_once,
             on_step=on_interval,
             cap=cap,

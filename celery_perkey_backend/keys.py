@@ -243,9 +243,12 @@ class KeyLayout:
         """A SCAN MATCH pattern for the claim key of every chord of ours."""
         return glob_escape(self.prefix) + "c:{*:c"
 
-    def chord_size_key(self, name: str) -> str | None:
-        """For a chord data key (results, counted, added), its chord's size key."""
-        if self.kind_of(name) in CHORD_DATA_PARTS:
+    def chord_size_key(self, name: str, kind: str | None = None) -> str | None:
+        """For a chord data key (results, counted, added), its chord's size key.
+
+        ``kind``: the key's :meth:`kind_of`, when the caller has it already.
+        """
+        if (kind or self.kind_of(name)) in CHORD_DATA_PARTS:
             return name[:-1] + "s"
         return None
 

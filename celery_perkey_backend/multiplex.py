@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import BackendUnavailableError, PerkeyError, ServerFullError
+from .keys import parse_ready
 from .store import Note, Probe, Record, ResultStore, parse_note
 
 __all__ = [
@@ -94,6 +95,12 @@ class Watch:
     shown: bytes | None = None
     #: Whether its :class:`Initial` was handed on.
     started: bool = False
+    #: Notifications that came before its registration's reply: handed on after it.
+    early: list[Record] = field(default_factory=list)
+    #: A read-once wait whose registration found the result: it starts with the take.
+    taking: bool = False
+    #: When the state it has last was written (server ms; ``None``: unknown).
+    shown_ms: int | None = None
 
     def push(self, item: Item) -> None:
         self.items.append(item)
@@ -191,35 +198,61 @@ class Multiplexer:
     ) -> None:
         """Hand ``record`` to the waits of ``task_id`` that want it, once each.
 
-        A read-once wait gets a ready result only once the registrar has taken it
+        ``initial``: the task's state at its registration, which each wait starts with
+        (an :class:`Initial`); what arrives for a wait before that is handed on after
+        it. A read-once wait gets a ready result only once the registrar has taken it
         (``taken``; ``None`` when another reader took it first): of several such waits
-        here, one gets it. Until then it has not started.
+        here, one gets it.
         """
         with self._lock:
             watches = list(self._watches.get(task_id, ()))
         taker = True
         for watch in watches:
-            ready = record is not None and record.kind == "ready"
-            if watch.consume and (ready or taken):
+            if watch.consume and (taken or (record is not None and record.kind == "ready")):
                 if not taken:
+                    watch.taking = watch.taking or initial
                     self._want(self._to_take, task_id)
                     continue
-                if record is not None and not taker:
-                    continue
-                taker = taker and record is None
-            elif not initial and (
-                record is None
-                or record.payload == watch.shown
-                or (record.kind == "progress" and not watch.progress)
-            ):
-                continue
-            watch.shown = None if record is None else record.payload
-            if watch.started:
-                if record is not None:
-                    watch.push(record)
-            else:
-                watch.started = True
-                watch.push(Initial(record))
+                got = record if taker else None
+                taker = taker and got is None
+                if watch.taking:
+                    watch.taking = False
+                    self._start(watch, got)
+                elif got is not None:
+                    self._pass(watch, got)
+            elif initial:
+                if not watch.started:
+                    self._start(watch, record)
+                elif record is not None:
+                    self._pass(watch, record)  # another wait's registration: if new
+            elif record is not None:
+                self._pass(watch, record)
+
+    @staticmethod
+    def _start(watch: Watch, record: Record | None) -> None:
+        """Start a wait with its task's state at registration, then what came since."""
+        watch.started = True
+        watch.shown = None if record is None else record.payload
+        watch.shown_ms = _written(record)
+        watch.push(Initial(record))
+        early, watch.early = watch.early, []
+        for later in early:
+            Multiplexer._pass(watch, later)
+
+    @staticmethod
+    def _pass(watch: Watch, record: Record) -> None:
+        """Hand a state on, unless it is not new to the wait, older than what it has
+        (a check's read overtaken by a notification), or not for it."""
+        if not watch.started:
+            watch.early.append(record)  # its registration's reply is still on its way
+            return
+        written = _written(record)
+        older = written is not None and watch.shown_ms is not None and written < watch.shown_ms
+        wanted = watch.progress or record.kind != "progress"
+        if record.payload != watch.shown and wanted and not older:
+            watch.shown = record.payload
+            watch.shown_ms = written
+            watch.push(record)
 
     def _fail(self, error: BaseException) -> None:
         with self._lock:
@@ -303,9 +336,10 @@ class Multiplexer:
                 self._check()
                 self._failures = 0
             except PerkeyError as exc:
-                self._trouble(exc, True)
+                self._trouble(exc, True)  # pauses before the next attempt
                 with self._lock:
                     self._check_all = True
+                self._work.set()
 
     def _until_next(self) -> float:
         with self._lock:
@@ -353,8 +387,10 @@ class Multiplexer:
             for task_id, probe in probes.items():
                 self._show(task_id, probe, initial=True)
 
-    def _show(self, task_id: str, probe: Probe, initial: bool = False) -> None:
-        record = probe.ready or probe.state or probe.fallback
+    def _show(self, task_id: str, probe: Probe, initial: bool = False, states: bool = True) -> None:
+        """Hand on what a registration or a check read: the result, else (with
+        ``states``) the intermediate state or the fallback key's value."""
+        record = probe.ready or (probe.state or probe.fallback if states else None)
         if probe.ready is None and probe.fallback is not None:
             # A redis:// worker has it (a switch in progress): it sends no notification.
             with self._lock:
@@ -400,10 +436,24 @@ class Multiplexer:
             self._next_check = now + CHECK_INTERVAL
         for start in range(0, len(ids), BATCH):
             for task_id, probe in self.store.probe(ids[start : start + BATCH], self.inbox).items():
-                self._show(task_id, probe)
+                # A registered task's states come as notifications, in order: a check
+                # hands on only a result, or the states of tasks it must poll.
+                with self._lock:
+                    polled = task_id in self._polled
+                self._show(task_id, probe, states=polled or not probe.registered)
                 if every and not probe.registered and probe.ready is None:
                     # An inbox deleted, a restart, a failover, a server that was full.
                     self._want(self._to_register, task_id)
+
+
+def _written(record: Record | None) -> int | None:
+    """When a stored state was written (server ms), from its header; ``None`` if unknown."""
+    if record is None or record.kind == "fallback":
+        return None
+    try:
+        return parse_ready(record.payload).written_ms
+    except ValueError:
+        return None
 
 
 _full_warned = threading.Event()

@@ -50,7 +50,7 @@ PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "perkey_sweep_max_age": 86400.0,
         "perkey_sweep_delete": False,
         "perkey_sweep_ttl": None,
-        "perkey_sweep_scan_count": 1000,
+        "perkey_sweep_scan_count": None,  # the batch size
         "perkey_sweep_batch_size": 200,
         "perkey_sweep_pause": 0.0,
         "perkey_sweep_lock_ttl": 60.0,
@@ -283,7 +283,7 @@ class Settings:
     sweep_max_age_s: float
     sweep_delete: bool
     sweep_ttl_s: float
-    sweep_scan_count: int
+    sweep_scan_count: int | None  # None: the sweep's batch size
     sweep_batch_size: int
     sweep_pause_s: float
     sweep_lock_ttl_s: float
@@ -365,6 +365,7 @@ class Settings:
         ordered = transport.get("result_chord_ordered", conf.get("result_chord_ordered", True))
         expires_default = expires if expires else 86400.0
         sweep_ttl = own("perkey_sweep_ttl")
+        scan_count = own("perkey_sweep_scan_count")
         textfile = own("perkey_prometheus_textfile")
         port = own("perkey_prometheus_port")
         if textfile or port:
@@ -407,9 +408,9 @@ class Settings:
             sweep_ttl_s=parse_duration(sweep_ttl, "perkey_sweep_ttl")
             if sweep_ttl
             else expires_default,
-            sweep_scan_count=parse_count(
-                own("perkey_sweep_scan_count"), "perkey_sweep_scan_count", 1
-            ),
+            sweep_scan_count=None
+            if scan_count is None
+            else parse_count(scan_count, "perkey_sweep_scan_count", 1),
             sweep_batch_size=parse_count(
                 own("perkey_sweep_batch_size"), "perkey_sweep_batch_size", 1
             ),
@@ -443,14 +444,43 @@ def _require_prometheus(setting: str) -> None:
 
 
 def _reject_unknown(conf: Mapping[str, Any]) -> None:
-    """A misspelt ``perkey_*`` setting would silently keep its default: refuse it."""
+    """A setting of ours that Celery would not hand over keeps its default: refuse it.
+
+    That is a misspelt name (``perkey_read_onec``), and a right name in a form this
+    configuration does not read: with ``config_from_object(..., namespace="CELERY")``
+    (Django) Celery reads ``CELERY_PERKEY_READ_ONCE``, and without a namespace only
+    ``perkey_read_once``, so ``PERKEY_READ_ONCE`` would be ignored in both.
+    """
+    # Celery's settings object knows its namespace (``"CELERY_"``); a plain mapping has none.
+    prefix = getattr(conf, "prefix", None) or ""
     for name in list(conf):
-        if not isinstance(name, str) or not name.lower().startswith("perkey_"):
+        if not isinstance(name, str):
             continue
-        if name not in PERKEY_DEFAULTS:
-            close = difflib.get_close_matches(name.lower(), list(PERKEY_DEFAULTS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+        bare = name.lower()
+        if prefix and bare.startswith(prefix.lower()):
+            bare = bare[len(prefix) :]
+        if not bare.startswith("perkey_"):
+            continue
+        if bare not in PERKEY_DEFAULTS:
+            close = difflib.get_close_matches(bare, list(PERKEY_DEFAULTS), n=1)
+            hint = f"; did you mean {_spelt(close[0], prefix, name)!r}?" if close else ""
             raise ConfigurationError(f"unknown setting {name!r}{hint}")
+        if conf.get(bare) is None and conf.get(name) is not None:
+            raise ConfigurationError(
+                f"setting {name!r} is not read in this form; write it as "
+                f"{_spelt(bare, prefix, name)!r}"
+            )
+
+
+def _spelt(setting: str, prefix: str, written: str) -> str:
+    """``setting`` in the form this configuration reads, close to how it was written.
+
+    Under a namespace (``"CELERY_"``) that is ``CELERY_PERKEY_…``, unless the name was
+    written in lower case without it (``app.conf.perkey_…``), which Celery reads too.
+    """
+    if prefix and (written.lower().startswith(prefix.lower()) or not written.islower()):
+        return prefix + (setting.upper() if prefix.isupper() else setting)
+    return setting
 
 
 def _retry(conf: Mapping[str, Any], transport: Mapping[str, Any]) -> RetrySettings:

@@ -983,6 +983,47 @@ class ResultStore:
         pairs = (line.split(":", 1) for line in lines if ":" in line)
         return {key.strip(): value.strip() for key, value in pairs}
 
+    # -- for the sweep: one batch's scripts and the next page, in one round trip ---------
+
+    def scan_page(
+        self, node: redis.Redis, cursor: int, pattern: str, count: int
+    ) -> tuple[int, list[str]]:
+        """One SCAN page of ``node``: the next cursor (0 once done) and the keys."""
+        with self.errors("scan"):
+            cursor, page = node.scan(cursor, match=pattern, count=count)
+        return int(cursor), [_text(k) for k in page]
+
+    def run_scripts_and_scan(
+        self,
+        node: redis.Redis,
+        script: Script,
+        calls: Iterable[tuple[list[Any], list[Any]]],
+        where: str,
+        scan: tuple[int, str, int] | None = None,
+    ) -> tuple[list[Any], tuple[int, list[str]] | None]:
+        """:meth:`run_scripts`, with the SCAN page ``(cursor, pattern, count)`` fetched
+        in the same round trip, after the scripts.
+
+        Returns
+        -------
+        tuple
+            The scripts' replies, and the page as :meth:`scan_page` gives it (``None``
+            without ``scan``).
+        """
+        calls = list(calls)
+
+        def build(pipe: Any) -> None:
+            for keys, args in calls:
+                self._queue(pipe, script, keys, args)
+            if scan is not None:
+                pipe.scan(scan[0], match=scan[1], count=scan[2])
+
+        replies = self._pipeline(build, where, on=node)
+        page = None
+        if scan is not None:
+            cursor, keys = replies[len(calls)]
+            page = int(cursor), [_text(k) for k in keys]
+        return replies[: len(calls)], page
     # -- the switch from redis:// (saved groups, legacy keys; see legacy.py) ---------
 
     def read_group(self, group_id: str) -> bytes | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -92,7 +92,9 @@ class SweepOptions:
     dry_run:
         Decide everything, change nothing, and list what would be done.
     scan_count:
-        SCAN's COUNT hint.
+        SCAN's COUNT hint; by default the batch size. A page is fetched in the same round
+        trip as a batch, so a COUNT far above the batch size makes that step hold the
+        server longer.
     batch_size:
         Keys inspected (and fixed) per script call.
     pause:
@@ -145,6 +147,8 @@ class SweepOptions:
             name: default if overrides.get(name) is None else read(overrides[name], name)
             for name, (read, default) in readers.items()
         }
+        if values["scan_count"] is None:  # no COUNT set: the batch size, as overridden
+            values["scan_count"] = values["batch_size"]
         return cls(**values)
 
 
@@ -263,22 +267,33 @@ def key_batches(store: ResultStore, names: Sequence[str]) -> list[KeyBatch]:
     batches = []
     for group in store.slot_groups(names):
         batch = [names[index] for index in group]
+        kinds = [layout.kind_of(name) for name in batch]
         sizes: dict[str, int] = {}
-        for name in batch:
-            size = layout.chord_size_key(name)
-            if size is not None:
-                sizes.setdefault(size, len(batch) + len(sizes) + 1)
+        refs = []
+        for name, kind in zip(batch, kinds, strict=True):
+            size = layout.chord_size_key(name, kind) if kind else None
+            if size is None:
+                refs.append("0")
+            else:
+                refs.append(str(sizes.setdefault(size, len(batch) + len(sizes) + 1)))
         batches.append(
             KeyBatch(
                 indexes=group,
                 keys=[*batch, *sizes],
-                kinds="".join(layout.kind_of(name) or "-" for name in batch),
-                sizes=",".join(
-                    str(sizes.get(layout.chord_size_key(name) or "", 0)) for name in batch
-                ),
+                kinds="".join(kind or "-" for kind in kinds),
+                sizes=",".join(refs),
             )
         )
     return batches
+
+
+@dataclass(frozen=True)
+class _Lock:
+    """The sweep lock as each batch's script checks and renews it."""
+
+    key: str
+    token: str
+    ttl_ms: int
 
 
 def _run(
@@ -296,44 +311,50 @@ def _run(
     total = store.dbsize()
     ttl_ms = max(1, int(options.ttl * 1000))
     weighed = [0, 0]  # bytes, keys weighed with MEMORY USAGE before unlinking
-    lock = store.layout.sweep_lock
-    first = True
+    lock = _Lock(store.layout.sweep_lock, token, lock_ms)
+    # On one server, each batch's script checks and renews the lock itself, atomically
+    # with the batch. A cluster's batches run on other nodes than the lock's, so there
+    # the lock is renewed by a call of its own before each batch.
+    in_script = not store.is_cluster
     layout = store.layout
     pattern = layout.match_chord_claims if options.chords_only else layout.match_all
-    for node, chunk in _chunks(store.scan(pattern, options.scan_count), options):
-        if not first:
-            if options.pause:
-                time.sleep(options.pause)
-            if not store.renew_lock(lock, token, lock_ms):
-                logger.warning("perkey sweep: lost its lock, stopping early")
-                return
-        first = False
-        if not options.chords_only:
-            _batch(store, node, chunk, options, summary, cutoff_ms, ttl_ms, weighed)
-        _chords(store, node, chunk, options, summary, repair)
-        if progress:
-            progress(summary.scanned, total)
+    size, count = options.batch_size, options.scan_count
+    first = True
+    for node in store.primaries():
+        cursor, pending = store.scan_page(node, 0, pattern, count)
+        while pending or cursor:
+            if cursor and len(pending) < size:
+                cursor, page = store.scan_page(node, cursor, pattern, count)
+                pending.extend(page)
+                continue
+            batch, pending = pending[:size], pending[size:]
+            checked = in_script and not options.chords_only
+            if not first:
+                if options.pause:
+                    time.sleep(options.pause)
+                if not checked and not store.renew_lock(lock.key, token, lock_ms):
+                    logger.warning("perkey sweep: lost its lock, stopping early")
+                    return
+            first = False
+            if not options.chords_only:
+                # When the next batch needs another page, it comes in this batch's round
+                # trip.
+                scan = (cursor, pattern, count) if cursor and len(pending) < size else None
+                held, more = _batch(
+                    store, node, batch, options, summary, cutoff_ms, ttl_ms, weighed,
+                    lock if checked else None, scan,
+                )  # fmt: skip
+                if not held:
+                    logger.warning("perkey sweep: lost its lock, stopping early")
+                    return
+                if more is not None:
+                    cursor, page = more
+                    pending.extend(page)
+            _chords(store, node, batch, options, summary, repair)
+            if progress:
+                progress(summary.scanned, total)
     if weighed[1]:
         summary.bytes_reclaimed = int(weighed[0] / weighed[1] * summary.unlinked)
-
-
-def _chunks(
-    pages: Iterator[tuple[redis.Redis, list[str]]], options: SweepOptions
-) -> Iterator[tuple[redis.Redis, list[str]]]:
-    """Batches of ``batch_size`` keys, each from one server."""
-    pending: list[str] = []
-    current: redis.Redis | None = None
-    for node, page in pages:
-        if current is not None and node is not current and pending:
-            yield current, pending
-            pending = []
-        current = node
-        pending.extend(page)
-        while len(pending) >= options.batch_size:
-            yield node, pending[: options.batch_size]
-            pending = pending[options.batch_size :]
-    if current is not None and pending:
-        yield current, pending
 
 
 def _batch(
@@ -345,26 +366,41 @@ def _batch(
     cutoff_ms: int,
     ttl_ms: int,
     weighed: list[int],
-) -> None:
+    lock: _Lock | None,
+    scan: tuple[int, str, int] | None,
+) -> tuple[bool, tuple[int, list[str]] | None]:
+    """Classify and fix one batch (and fetch the page ``scan`` names, if any).
+
+    Returns whether the sweep still held its lock, and the page.
+    """
     batches = key_batches(store, batch)
-    calls = [
-        scripts.SWEEP_BATCH.bind(
-            {"keys": part.keys},
-            {
-                "fix": "0" if options.dry_run else "1",
-                "delete": "1" if options.delete else "0",
-                "ttl_ms": ttl_ms,
-                "cutoff_ms": cutoff_ms,
-                "weigh": max(0, options.memory_samples - weighed[1]),
-                "count": len(part.indexes),
-                "kinds": part.kinds,
-                "sizes": part.sizes,
-            },
+    calls = []
+    for part in batches:
+        keys = part.keys if lock is None else [*part.keys, lock.key]
+        calls.append(
+            scripts.SWEEP_BATCH.bind(
+                {"keys": keys},
+                {
+                    "fix": "0" if options.dry_run else "1",
+                    "delete": "1" if options.delete else "0",
+                    "ttl_ms": ttl_ms,
+                    "cutoff_ms": cutoff_ms,
+                    "weigh": max(0, options.memory_samples - weighed[1]),
+                    "count": len(part.indexes),
+                    "kinds": part.kinds,
+                    "sizes": part.sizes,
+                    "lock": 0 if lock is None else len(keys),
+                    "token": "" if lock is None else lock.token,
+                    "lock_ms": 0 if lock is None else lock.ttl_ms,
+                },
+            )
         )
-        for part in batches
-    ]
-    replies, _ = store.run_scripts(node, scripts.SWEEP_BATCH, calls, "sweep")
-    for part, (classes, actions, size, count) in zip(batches, replies, strict=True):
+    replies, page = store.run_scripts_and_scan(node, scripts.SWEEP_BATCH, calls, "sweep", scan)
+    held = True
+    for part, (classes, actions, size, count, owned) in zip(batches, replies, strict=True):
+        if not int(owned):
+            held = False
+            continue
         classes, actions = classes.decode(), actions.decode()
         weighed[0] += int(size)
         weighed[1] += int(count)
@@ -377,6 +413,7 @@ def _batch(
             for index, action in zip(part.indexes, actions, strict=True):
                 if action != "." and len(summary.planned) < PLAN_LIMIT:
                     summary.planned.append(("ttl" if action == "t" else "unlink", batch[index]))
+    return held, page
 
 
 def stalled_chords(store: ResultStore, node: redis.Redis, names: Sequence[str]) -> list[str]:

@@ -31,13 +31,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 import redis
 from celery import states
 from celery.exceptions import TimeoutError
 
-from .connection import bounded_by
+from .connection import READ_MARGIN, bounded_by
 from .deadline import MIN_BLOCK, Deadline
 from .errors import BackendUnavailableError, PoolExhaustedError, ServerFullError, quote_id
 from .multiplex import (
@@ -50,7 +51,7 @@ from .multiplex import (
 )
 from .store import Record, ResultStore
 
-__all__ = ["MAX_BLOCK", "PARENT_CHECK", "Waiter", "block_cap", "handle", "timed_out"]
+__all__ = ["MAX_BLOCK", "PARENT_CHECK", "Steps", "Waiter", "block_cap", "timed_out"]
 
 logger = logging.getLogger("celery_perkey_backend")
 
@@ -152,13 +153,23 @@ class Waiter:
     def attempt(self, op: Callable[[], T], task_id: str, deadline: Deadline) -> T:
         """One read of a wait, outside its steps: bounded by the deadline, retried.
 
+        Multiplexed, it runs on the multiplexer's connection, so that any number of
+        concurrent waits read through a handful of connections.
+
         Raises
         ------
         celery.exceptions.TimeoutError
             When the deadline passes first.
         """
         with bounded_by(deadline):
-            return self._retried(op, task_id, deadline, [])
+            if not self.multiplex:
+                return self._retried(op, task_id, deadline, [])
+            future = self.mux.call(lambda: self._retried(op, task_id, deadline, []))
+            try:
+                return future.result(timeout=deadline.remaining())
+            except FutureTimeout:
+                future.cancel()
+                raise _timed_out(task_id) from None
 
     def until_ready(
         self,
@@ -379,53 +390,90 @@ def _serve(
     step_cap: float,
 ) -> T:
     """The waiting side of one multiplexed wait (see :meth:`Waiter._through`)."""
-    started = stepped = False
+    steps = Steps(watch, deadline, step_cap)
     while True:
         items = watch.take()
         if not items:
-            if deadline.expired:
-                raise _timed_out(watch.task_id)
-            woken.wait(deadline.block_for(step_cap))
+            woken.wait(steps.pause())
             woken.clear()
-            stepped = started
             items = watch.take()
-        found = handle(watch, items, deadline, accept, on_record)
-        started = started or bool(items)
+        found, stepped = steps.absorb(items, accept, on_record)
         if stepped and on_step is not None:
             on_step()
         if found is not None:
             return found
 
 
-def handle(
-    watch: Watch,
-    items: list[Any],
-    deadline: Deadline,
-    accept: Callable[[Record], T | None],
-    on_record: Callable[[Record | None, bool], None] | None = None,
-) -> T | None:
-    """What a multiplexed wait does with the items that arrived: hand each record to
-    ``on_record``, and return the first that ``accept`` takes.
+class Steps:
+    """The bookkeeping of one multiplexed wait, for the sync and the asyncio waiter.
 
-    Raises
-    ------
-    celery.exceptions.TimeoutError
-        For a failure that arrives once the deadline has passed.
-    PerkeyError
-        For any other failure: the multiplexer gave up on the server.
+    A wait starts with its task's state at registration: found there, a result ends the
+    wait with no step. Every wait after that, woken or lapsed, is a step, and so is a
+    state that came after the registration's reply in the same batch; after a step the
+    caller runs ``on_step``. The registration's reply gets :data:`READ_MARGIN` past the
+    deadline, as any reply does, so a ``timeout=0`` wait still sees a stored result.
     """
-    found = None
-    for item in items:
-        if isinstance(item, BaseException):
-            if deadline.expired:
-                raise _timed_out(watch.task_id) from item
-            raise item
-        record = item.record if isinstance(item, Initial) else item
-        if on_record is not None:
-            on_record(record, isinstance(item, Initial))
-        if record is not None and found is None:
-            found = accept(record)
-    return found
+
+    def __init__(self, watch: Watch, deadline: Deadline, step_cap: float) -> None:
+        self.watch = watch
+        self.deadline = deadline
+        self.step_cap = step_cap
+        self.started = self.waited = False
+        left = deadline.remaining()
+        self.grace_end = None if left is None else time.monotonic() + left + READ_MARGIN
+
+    def pause(self) -> float:
+        """How long to wait for the next items.
+
+        Raises
+        ------
+        celery.exceptions.TimeoutError
+            Once the deadline (before the registration's reply: its margin) has passed.
+        """
+        if self.started:
+            if self.deadline.expired:
+                raise _timed_out(self.watch.task_id)
+            self.waited = True
+            return self.deadline.block_for(self.step_cap)
+        if self.grace_end is None:
+            return self.step_cap
+        left = self.grace_end - time.monotonic()
+        if left <= 0:
+            raise _timed_out(self.watch.task_id)
+        return max(MIN_BLOCK, min(self.step_cap, left))
+
+    def absorb(
+        self,
+        items: list[Any],
+        accept: Callable[[Record], T | None],
+        on_record: Callable[[Record | None, bool], None] | None = None,
+    ) -> tuple[T | None, bool]:
+        """Hand each record to ``on_record``; the first that ``accept`` takes, and
+        whether a step ran (so ``on_step`` is due).
+
+        Raises
+        ------
+        celery.exceptions.TimeoutError
+            For a failure that arrives once the deadline has passed.
+        PerkeyError
+            For any other failure: the multiplexer gave up on the server.
+        """
+        found = None
+        stepped, self.waited = self.waited and self.started, False
+        for item in items:
+            if isinstance(item, BaseException):
+                if self.deadline.expired:
+                    raise _timed_out(self.watch.task_id) from item
+                raise item
+            initial = isinstance(item, Initial)
+            record = item.record if isinstance(item, Initial) else item
+            self.started = self.started or initial
+            stepped = stepped or not initial
+            if on_record is not None:
+                on_record(record, initial)
+            if record is not None and found is None:
+                found = accept(record)
+        return found, stepped
 
 
 def timed_out(task_id: str) -> TimeoutError:

@@ -15,15 +15,17 @@ from celery.contrib.testing.worker import start_worker
 
 from celery_perkey_backend.testing import EmbeddedServer
 
+#: The plugin users load (``perkey_server``, ``perkey_url``, and Celery's own fixtures),
+#: and pytester to test it the way a user's project loads it.
+pytest_plugins = ["pytester", "celery_perkey_backend.testing"]
+
 _app_names = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[EmbeddedServer]:
-    """One server for the session; a test that cannot start it fails, never skips."""
-    srv = EmbeddedServer().start()
-    yield srv
-    srv.stop()
+def server(perkey_server: EmbeddedServer) -> EmbeddedServer:
+    """One server for the session (the plugin's); a test that cannot start it fails."""
+    return perkey_server
 
 
 @pytest.fixture

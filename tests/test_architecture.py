@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"aio"},
     {"__init__"},
     {"testing.server"},
-    {"testing.topology"},
+    {"testing.topology", "testing.fixtures"},
     {"testing.__init__"},
 ]
 RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,27 @@ def test_quick_benchmark_run_writes_the_table(tmp_path: Path) -> None:
     assert "| perkey:// |" in table
     assert "| redis:// |" in table
     assert "## Targets" in table
+    assert " failed: " not in table, table
+
+
+@pytest.mark.timeout(120)
+def test_quick_parser_run_compares_hiredis_with_the_python_parser(tmp_path: Path) -> None:
+    # Figure 10 needs hiredis (the `hiredis` extra): with it, both sides and their ratios;
+    # without it, a line that says so. `dev.py matrix` runs this with hiredis installed.
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--rounds", "1", "--figures", "parser",
+         "--backends", "perkey", "--no-plots", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = (tmp_path / "results.md").read_text(encoding="utf-8")
+    section = table.split("## 10.", 1)[1].split("## Targets", 1)[0]
+    if importlib.util.find_spec("hiredis") is None:
+        assert "Not run: hiredis is not installed" in section
+        return
+    assert "| perkey:// with hiredis |" in section
+    assert "| perkey:// pure-Python parser |" in section
+    assert "| against the pure-Python parser |" in section
     assert " failed: " not in table, table
 
 

@@ -126,6 +126,39 @@ def test_stalled_chords_are_repaired_on_a_cluster(
     assert backend.stats().chords_stalled == 0
 
 
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+def test_multiplexed_waits_on_a_cluster(make_app: Any, cluster: LocalCluster, mode: str) -> None:
+    """Registrations go to each task's node; notifications cross to the inbox's node in
+    a second round trip of the storing client; the checks read per node."""
+    import asyncio
+
+    from celery_perkey_backend import aio
+
+    app = make_app(backend=cluster.url, broker_url="memory://", perkey_multiplex=True)
+    ids = [f"{mode}-{i}" for i in range(12)]
+    app.backend.store_result(ids[0], "before", states.SUCCESS)
+
+    def wait(task_id: str) -> Any:
+        result = app.AsyncResult(task_id)
+        if mode == "sync":
+            return result.get(timeout=30)
+        return asyncio.run(aio.wait(result, timeout=30))
+
+    outcome: dict[str, Any] = {}
+    threads = [threading.Thread(target=lambda t=t: outcome.__setitem__(t, wait(t))) for t in ids]
+    for thread in threads:
+        thread.start()
+    layout = app.backend.layout
+    for task_id in ids[1:]:
+        node = cluster.client(cluster.primary_for_key(layout.watchers(task_id)))
+        wait_until(lambda t=task_id, n=node: n.exists(layout.watchers(t)), f"{task_id} waits")
+    for task_id in ids[1:]:
+        app.backend.store_result(task_id, f"after {task_id}", states.SUCCESS)
+    for thread in threads:
+        thread.join(30)
+    assert outcome == {ids[0]: "before", **{t: f"after {t}" for t in ids[1:]}}
+
+
 def test_a_wait_survives_a_slot_migration(capp: Any, cluster: LocalCluster) -> None:
     key = capp.backend.layout.result("moving")
     slot = key_slot(key.encode())

@@ -1,17 +1,63 @@
-"""Celery's result API, end to end with a real in-process worker."""
+"""Celery's result API, end to end with a real in-process worker.
+
+This module runs on the fixtures users get from ``pytest_plugins =
+["celery_perkey_backend.testing"]`` (README, "Testing your own tasks"): Celery's
+``celery_app`` and ``celery_worker``, pointed at ``perkey_url`` by ``celery_config``.
+``app`` and ``worker`` are the same objects under the names the rest of the suite uses.
+"""
 
 from __future__ import annotations
 
 import datetime
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from celery import states
+import redis
+from celery import Celery, states
 from celery.exceptions import TimeoutError
 from celery.signals import task_postrun
 
-from .conftest import Boom, running_worker, wait_until
+from .conftest import Boom, register_tasks, running_worker, wait_until
+
+
+@pytest.fixture
+def celery_config(r: redis.Redis, perkey_url: str, perkey_broker_url: str) -> Mapping[str, Any]:
+    # ``r`` first: it empties the server before the app and its worker use it.
+    return {
+        "broker_url": perkey_broker_url,
+        "result_backend": perkey_url,
+        "task_track_started": True,
+        "broker_connection_retry_on_startup": True,
+    }
+
+
+@pytest.fixture(scope="session")
+def celery_worker_pool() -> str:
+    return "threads"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_parameters() -> Mapping[str, Any]:
+    # No ping task: its result would be one more key in the database.
+    return {"concurrency": 4, "perform_ping_check": False}
+
+
+@pytest.fixture
+def celery_app(celery_app: Celery) -> Celery:
+    register_tasks(celery_app)
+    return celery_app
+
+
+@pytest.fixture
+def app(celery_app: Celery) -> Celery:
+    return celery_app
+
+
+@pytest.fixture
+def worker(celery_worker: Any) -> Any:
+    return celery_worker
 
 
 def test_get_ready_successful_and_state(app: Any, worker: Any) -> None:

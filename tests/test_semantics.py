@@ -17,7 +17,7 @@ from celery.result import ResultSet
 
 from celery_perkey_backend.testing import EmbeddedServer
 
-from .conftest import Boom, running_worker, wait_for_blocked_clients
+from .conftest import Boom, running_worker, wait_until
 
 
 @pytest.mark.parametrize("scheme", ["redis", "perkey"])
@@ -53,9 +53,19 @@ class ParentFailed(Exception):
     error would be raised by Celery's own on_interval."""
 
 
+def _waiting_on(app: Any, r: redis.Redis, task_id: str) -> bool:
+    """Whether a wait on ``task_id`` has begun: a client blocked on a result list (the
+    only list waited on here), or the process's inbox registered for the task (a
+    multiplexed wait; the multiplexer's own reader blocks on its inbox even between
+    waits, so a blocked client alone says nothing)."""
+    blocked = r.client_list()
+    lists = any("b" in c["flags"] and c["cmd"] in ("blmove", "brpoplpush") for c in blocked)
+    return lists or bool(r.exists(app.backend.layout.watchers(task_id)))
+
+
 def _store_once_waiting(app: Any, r: redis.Redis, task_id: str, stored: threading.Event) -> None:
     def run() -> None:
-        wait_for_blocked_clients(r, 1)
+        wait_until(lambda: _waiting_on(app, r, task_id), f"a wait on {task_id} has begun")
         stored.set()  # before the store: the step that sees it always finds it set
         app.backend.store_result(task_id, "late", states.SUCCESS)
 

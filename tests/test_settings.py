@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import re
 import sys
 from typing import Any
 
 import pytest
 import redis
-from celery import states
+from celery import Celery, states
 
 from celery_perkey_backend import ConfigurationError
 from celery_perkey_backend.settings import parse_duration, parse_flag, parse_size
@@ -70,6 +71,52 @@ def test_a_missing_extra_is_named_with_its_install_line(
 def test_a_misspelt_setting_is_refused_with_a_suggestion(make_app: Any) -> None:
     with pytest.raises(ConfigurationError, match="did you mean 'perkey_read_once'"):
         _built(make_app, perkey_read_onec=True)
+
+
+class _DjangoStyleSettings:
+    """What ``config_from_object('django.conf:settings', namespace='CELERY')`` reads:
+    upper-case attributes, ours under the ``CELERY_`` namespace."""
+
+    CELERY_PERKEY_READ_ONCE = "true"
+    CELERY_PERKEY_SWEEP_BATCH_SIZE = 50
+    CELERY_PERKEY_SWEEP_MAX_AGE = "2h"
+
+
+def _namespaced(server: Any, settings: object) -> Any:
+    app = Celery("namespaced", set_as_current=False)
+    app.config_from_object(settings, namespace="CELERY")
+    app.conf.result_backend = f"perkey://127.0.0.1:{server.port}/0"
+    return app
+
+
+def test_namespaced_settings_reach_the_backend(server: Any) -> None:
+    settings = _namespaced(server, _DjangoStyleSettings).backend.settings
+    assert settings.read_once is True
+    assert settings.sweep_batch_size == 50
+    assert settings.sweep_max_age_s == 7200.0
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("CELERY_PERKEY_READ_ONEC", "unknown setting 'CELERY_PERKEY_READ_ONEC'; did you mean "
+         "'CELERY_PERKEY_READ_ONCE'"),
+        # The right name without the namespace: Celery would not hand it over.
+        ("PERKEY_READ_ONCE", "'PERKEY_READ_ONCE' is not read in this form; write it as "
+         "'CELERY_PERKEY_READ_ONCE'"),
+    ],
+)  # fmt: skip
+def test_a_namespaced_setting_that_celery_would_not_read_is_refused(
+    server: Any, name: str, message: str
+) -> None:
+    settings = type("Settings", (), {name: True})
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        _namespaced(server, settings).backend  # noqa: B018
+
+
+def test_an_upper_case_setting_without_a_namespace_is_refused(make_app: Any) -> None:
+    with pytest.raises(ConfigurationError, match="write it as 'perkey_read_once'"):
+        _built(make_app, PERKEY_READ_ONCE=True)
 
 
 def test_retry_policy_keys_are_checked(make_app: Any) -> None:

@@ -177,6 +177,39 @@ def test_lock_lost_midway_stops_the_sweep(no_ttl_app: Any, r: redis.Redis) -> No
     assert r.get(backend.layout.sweep_lock) == b"somebody else"
 
 
+def test_a_batch_without_the_lock_touches_no_key(no_ttl_app: Any, r: redis.Redis) -> None:
+    # On one server the batch's own script checks the lock: once another sweeper holds
+    # it, not one more key gets a TTL.
+    backend = no_ttl_app.backend
+    for i in range(10):
+        backend.store_result(f"t{i}", i, states.SUCCESS)
+
+    def steal(scanned: int, total: int) -> None:
+        r.set(backend.layout.sweep_lock, "somebody else")
+
+    summary = sweep(backend, batch_size=3, progress=steal)
+    without_ttl = [k for k in r.keys(backend.layout.result("*")) if r.pttl(k) == -1]
+    assert 1 <= summary.ttl_set <= 3
+    assert len(without_ttl) == 10 - summary.ttl_set
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "scan_count"), [(1, 1), (7, 3), (50, 10), (200, 1000), (1000, 10)]
+)
+def test_every_key_is_swept_whatever_the_batch_and_page_sizes(
+    no_ttl_app: Any, r: redis.Redis, batch_size: int, scan_count: int
+) -> None:
+    # Pages come in their own round trip or with the batch before; batches span pages.
+    backend = no_ttl_app.backend
+    for i in range(300):
+        _old(r, backend.layout.result(f"t{i}"), age_s=10)
+    summary = sweep(backend, batch_size=batch_size, scan_count=scan_count)
+    assert summary.scanned >= 300  # SCAN may return a key twice
+    assert summary.ttl_set == 300
+    assert not [k for k in r.keys(backend.layout.result("*")) if r.pttl(k) == -1]
+    assert not r.exists(backend.layout.sweep_lock)
+
+
 def test_cleanup_is_the_sweep_and_logs_one_line(
     no_ttl_app: Any, r: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -205,6 +238,11 @@ def test_settings_drive_the_sweep(make_app: Any) -> None:
         7,
     )
     assert app.backend.sweep_options(max_age=5, dry_run=True).max_age == 5.0
+    # SCAN's COUNT follows the batch size unless it is set.
+    assert app.backend.sweep_options().scan_count == 7
+    assert app.backend.sweep_options(batch_size=50).scan_count == 50
+    assert app.backend.sweep_options(scan_count=30).scan_count == 30
+    assert make_app(perkey_sweep_scan_count=40).backend.sweep_options().scan_count == 40
     with pytest.raises(ConfigurationError, match="bogus"):
         app.backend.sweep_options(bogus=1)
     with pytest.raises(ConfigurationError, match="max_age"):

@@ -32,6 +32,21 @@ local function stamp(key, kind, code)
   return -1
 end
 
+-- A key's type and, for a result (kind code r), when it was written: one LINDEX, which
+-- also tells a result list from a missing key (nil) or a key of another type (WRONGTYPE),
+-- where TYPE and then LINDEX would take two calls. The write time is nil when not read.
+local function look(key, code)
+  if code == 'r' then
+    local v = redis.pcall('LINDEX', key, 0)
+    if not v then return 'none', nil end
+    if type(v) == 'string' then
+      local ms = string.match(v, '^%a(%d+)|')
+      return 'list', ms and tonumber(ms) or -1
+    end
+  end
+  return redis.call('TYPE', key)['ok'], nil
+end
+
 -- The Redis types each kind of key of ours may have.
 local expected = {
   r = {list = true}, s = {string = true}, p = {stream = true}, w = {set = true},

@@ -1,0 +1,12 @@
+"""The project's Celery app, configured the standard way: from Django's settings, every
+``CELERY_*`` setting (``CELERY_PERKEY_*`` included) under the ``CELERY`` namespace."""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "proj.settings")
+
+app = Celery("proj")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()

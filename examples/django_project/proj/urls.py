@@ -1,0 +1,7 @@
+from demo import views
+from django.urls import path
+
+urlpatterns = [
+    path("add/", views.dispatch_add, name="add"),
+    path("tasks/<str:task_id>/", views.task_state, name="task-state"),
+]
