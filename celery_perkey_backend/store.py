@@ -1024,6 +1024,7 @@ class ResultStore:
             cursor, keys = replies[len(calls)]
             page = int(cursor), [_text(k) for k in keys]
         return replies[: len(calls)], page
+
     # -- the switch from redis:// (saved groups, legacy keys; see legacy.py) ---------
 
     def read_group(self, group_id: str) -> bytes | None:
