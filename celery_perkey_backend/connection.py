@@ -78,6 +78,12 @@ RETRYABLE: tuple[type[Exception], ...] = (
     redis.exceptions.SlotNotCoveredError,
 )
 
+#: After a burst, a pool keeps this many connections open...
+TRIM_FLOOR = 10
+
+#: ...once no more than that many have been in use for this long (seconds).
+TRIM_AFTER = 30.0
+
 #: No retries inside redis-py: the policy below is the only one.
 _NO_RETRY = Retry(NoBackoff(), 0)
 
@@ -178,12 +184,18 @@ class BoundedSentinelSSLConnection(_Bounded, SentinelManagedSSLConnection):
 
 
 class _Queueing:
-    """A pool that, when ``redis_max_connections`` are all in use, queues for one.
+    """A pool that queues for a connection when full, and closes idle ones after a burst.
 
-    redis-py's own pool fails at once ("Too many connections"). Here a caller waits
-    until a connection is released, for as long as the deadline in force allows, or
-    ``queue_timeout`` when none is (stores: as long as the retry policy would retry a
-    lost connection); then :class:`PoolExhaustedError` names the setting.
+    When ``redis_max_connections`` are all in use, redis-py's own pool fails at once
+    ("Too many connections"). Here a caller waits until a connection is released, for
+    as long as the deadline in force allows, or ``queue_timeout`` when none is (stores:
+    as long as the retry policy would retry a lost connection); then
+    :class:`PoolExhaustedError` names the setting.
+
+    redis-py never closes a pool's idle connections, so a process that once ran 3,000
+    waits at once would keep 3,000 server clients for its whole life. Once no more than
+    :data:`TRIM_FLOOR` connections have been in use for :data:`TRIM_AFTER` seconds, the
+    idle ones are closed (they reconnect when next used).
     """
 
     max_connections: int
@@ -192,14 +204,18 @@ class _Queueing:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.freed = threading.Condition()
+        self.in_use = 0
+        self.busy_until = 0.0  # when more than TRIM_FLOOR were last in use
+        self.burst = False  # more than TRIM_FLOOR were in use since the last trim
+        self.trimmer: threading.Timer | None = None
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        left = _left()
-        limit = self.queue_timeout if left is None else left
+        deadline = _deadline.get()
+        limit = self.queue_timeout if deadline is None else deadline.remaining()
         end = None if limit is None else time.monotonic() + limit
         while True:
             try:
-                return super().get_connection(*args, **kwargs)  # type: ignore[misc]
+                connection = super().get_connection(*args, **kwargs)  # type: ignore[misc]
             except MaxConnectionsError:
                 remaining = None if end is None else end - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -211,11 +227,39 @@ class _Queueing:
                     # Short waits: a release between the failed take and this wait
                     # must not be slept through.
                     self.freed.wait(0.05 if remaining is None else min(remaining, 0.05))
+                continue
+            with self.freed:
+                self.in_use += 1
+                if self.in_use > TRIM_FLOOR:
+                    self.burst = True
+                    self.busy_until = time.monotonic()
+            return connection
 
     def release(self, connection: Any) -> None:
         super().release(connection)  # type: ignore[misc]
         with self.freed:
+            self.in_use = max(0, self.in_use - 1)
+            if self.in_use > TRIM_FLOOR:
+                self.busy_until = time.monotonic()
+            elif self.burst and self.trimmer is None:
+                self._schedule_trim(TRIM_AFTER)
             self.freed.notify()
+
+    def _schedule_trim(self, delay: float) -> None:
+        self.trimmer = threading.Timer(delay, self._trim)
+        self.trimmer.daemon = True
+        self.trimmer.start()
+
+    def _trim(self) -> None:
+        with self.freed:
+            self.trimmer = None
+            quiet = time.monotonic() - self.busy_until
+            if self.in_use > TRIM_FLOOR or quiet < TRIM_AFTER:
+                self._schedule_trim(max(TRIM_AFTER - quiet, 0.01))
+                return
+            self.burst = False
+        # Idle connections only: those in use stay connected.
+        self.disconnect(inuse_connections=False)  # type: ignore[attr-defined]
 
 
 class QueueingPool(_Queueing, redis.ConnectionPool):

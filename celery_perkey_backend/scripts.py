@@ -116,20 +116,4 @@ METRICS_RECORD = Script.load("metrics_record")
 
 #: Every script, so that a server missing one (a promoted replica, a flushed script
 #: cache) gets them all loaded at once.
-ALL = (
-    STORE,
-    REGISTER,
-    TAKE,
-    CHORD_PART,
-    CHORD_SIZE,
-    CHORD_DONE,
-    CHORD_PUBLISHING,
-    CHORD_TAKE_OVER,
-    CHORD_STALLED,
-    SWEEP_BATCH,
-    STATS_BATCH,
-    LOCK_RELEASE,
-    LOCK_RENEW,
-    EXPIRE_PERSISTENT,
-    METRICS_RECORD,
-)
+ALL = tuple(value for value in list(globals().values()) if isinstance(value, Script))

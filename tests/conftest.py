@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -88,6 +91,19 @@ def wait_for_blocked_clients(r: redis.Redis, count: int, timeout: float = 10.0) 
         f"{count} clients are blocked",
         timeout,
     )
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """Stop a subprocess started in its own session (a ``celery worker``), and its
+    children: TERM, then KILL if it takes longer than 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGCONT)  # in case a test stopped it
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def command_calls(r: redis.Redis) -> Counter[str]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from .conftest import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,12 +37,12 @@ def celery_worker(
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    """A warm shutdown (SIGTERM to the main process: running tasks finish), then
-    SIGKILL to the whole process group if it hangs."""
+    """A warm shutdown, as an operator does it: SIGTERM to the worker's main process
+    only, so that its pool finishes the tasks it runs; if that takes more than 60 s,
+    :func:`conftest.stop_process` (the whole group, then SIGKILL)."""
     if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            stop_process(proc)

@@ -10,11 +10,10 @@ the step the side channel names; the body counts its runs in the side channel.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ import redis
 from celery import chord
 
 from celery_perkey_backend.sweep import SweepSummary
+
+from .conftest import stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 VISIBILITY_S = 2.0  # worker_app's broker visibility timeout under PERKEY_TEST_ACKS_LATE
@@ -69,7 +70,7 @@ class Crash:
         return chord(header, app.signature("w.count_body", kwargs={"tag": tag})).apply_async()
 
     def killed(self, kill: str) -> None:
-        wait(lambda: self.side.get("killed") == kill.encode(), f"the kill at {kill}")
+        wait_until(lambda: self.side.get("killed") == kill.encode(), f"the kill at {kill}", WAIT_S)
         self.side.delete("killed")
 
     def runs(self, tag: str) -> int:
@@ -93,7 +94,7 @@ class Crash:
             found.append(self.app.backend.run_sweep(chords_only=True))
             return found[-1].chords_stalled > 0
 
-        wait(swept, "the sweep to find a stalled chord")
+        wait_until(swept, "the sweep to find a stalled chord", WAIT_S)
         return found[-1]
 
     def claim(self, result: Any) -> bytes | None:
@@ -104,24 +105,6 @@ class Crash:
         return value
 
 
-def wait(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 @pytest.fixture
 def crash(server: Any, make_app: Any, tmp_path: Path) -> Iterator[Crash]:
     # make_app's client emptied every database; its claims (in repairs) last 1 s.
@@ -130,7 +113,7 @@ def crash(server: Any, make_app: Any, tmp_path: Path) -> Iterator[Crash]:
         yield harness
     finally:
         for proc in harness.workers:
-            _stop(proc)
+            stop_process(proc)
 
 
 def test_a_pool_child_killed_before_the_body_is_sent(crash: Crash) -> None:
@@ -141,12 +124,12 @@ def test_a_pool_child_killed_before_the_body_is_sent(crash: Crash) -> None:
         kill = f"{step}:child"
         result = crash.chord(step, kill)
         crash.killed(kill)
-        wait(crash.quiet, f"{step}: the header task acknowledged")
+        wait_until(crash.quiet, f"{step}: the header task acknowledged", WAIT_S)
         assert crash.runs(step) == 0, step  # nothing left that could publish it
         summary = crash.sweep()
         assert (summary.chords_repaired, summary.chords_failed) == (1, 0), step
         assert result.get(timeout=WAIT_S) == 3, step
-        wait(crash.quiet, f"{step}: the body acknowledged")
+        wait_until(crash.quiet, f"{step}: the body acknowledged", WAIT_S)
         assert crash.runs(step) == 1, step
         assert crash.claim(result) == b"done", step
         assert crash.app.backend.run_sweep(chords_only=True).chords_stalled == 0
@@ -162,10 +145,10 @@ def test_a_worker_killed_and_restarted_runs_the_body_once(crash: Crash, step: st
     crash.killed(kill)
     first.wait(WAIT_S)
     # The redelivery comes after the visibility timeout (2 s), past the 1 s claim.
-    wait(crash.redeliverable, "the header task to be redeliverable")
+    wait_until(crash.redeliverable, "the header task to be redeliverable", WAIT_S)
     crash.worker(claim_ttl="1s")
     assert result.get(timeout=WAIT_S) == 3
-    wait(crash.quiet, "the redelivered header task acknowledged")
+    wait_until(crash.quiet, "the redelivered header task acknowledged", WAIT_S)
     assert crash.runs(step) == 1
     assert crash.claim(result) == b"done"
 
@@ -182,15 +165,15 @@ def test_a_worker_killed_after_publishing_and_restarted_within_the_claim(crash: 
     result = crash.chord("published", kill)
     crash.killed(kill)
     first.wait(WAIT_S)
-    wait(crash.redeliverable, "the header task to be redeliverable")
+    wait_until(crash.redeliverable, "the header task to be redeliverable", WAIT_S)
     crash.worker(claim_ttl="12s")
     assert result.get(timeout=WAIT_S) == 3
-    wait(crash.quiet, "the redelivered header task acknowledged")
+    wait_until(crash.quiet, "the redelivered header task acknowledged", WAIT_S)
     assert crash.runs("published") == 1
     summary = crash.sweep()
     assert (summary.chords_settled, summary.chords_repaired, summary.chords_failed) == (1, 0, 0)
     assert crash.claim(result) == b"done"
-    wait(crash.quiet, "nothing more to run")
+    wait_until(crash.quiet, "nothing more to run", WAIT_S)
     assert crash.runs("published") == 1
 
 
@@ -207,8 +190,8 @@ def test_the_duplicate_window(crash: Crash) -> None:
     summary = crash.sweep()
     assert (summary.chords_repaired, summary.chords_settled) == (1, 0)
     assert crash.claim(result) == b"done"
-    wait(crash.redeliverable, "the header task to be redeliverable")
+    wait_until(crash.redeliverable, "the header task to be redeliverable", WAIT_S)
     crash.worker(claim_ttl="1s")
     assert result.get(timeout=WAIT_S) == 3
-    wait(lambda: crash.runs("window") == 2 and crash.quiet(), "both bodies to run")
+    wait_until(lambda: crash.runs("window") == 2 and crash.quiet(), "both bodies to run", WAIT_S)
     assert crash.runs("window") == 2

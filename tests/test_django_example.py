@@ -7,6 +7,7 @@ namespace='CELERY')``). Its views run in this process; its tasks run in a real
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -103,6 +104,23 @@ def test_one_view_dispatches_and_another_reports(project: Project, r: redis.Redi
     # A task nobody sent is PENDING, also after waiting for it in vain.
     assert project.state("never-sent") == {"task_id": "never-sent", "state": "PENDING"}
     assert project.state("never-sent", wait=0.2)["state"] == "PENDING"
+
+
+def test_an_async_view_awaits_on_the_event_loop(project: Project, r: redis.Redis) -> None:
+    from django.test import AsyncClient
+
+    async def ask(task_id: str, **query: Any) -> dict[str, Any]:
+        response = await AsyncClient().get(f"/async/tasks/{task_id}/", query)
+        assert response.status_code == 200
+        body: dict[str, Any] = response.json()
+        return body
+
+    task_id = project.add(4, 5)
+    state = asyncio.run(ask(task_id, wait=30))
+    assert state == {"task_id": task_id, "state": "SUCCESS", "result": 9}, project.worker_log()
+    assert asyncio.run(ask("never-sent", wait=0.2))["state"] == "PENDING"
+    # The waits went through the process's multiplexer, and are over.
+    assert project.app.backend.waiter.mux.waits == 0
 
 
 def test_namespaced_settings_reach_the_views_and_the_worker(

@@ -32,7 +32,7 @@ import uvicorn
 
 from celery_perkey_backend.testing import EmbeddedServer
 
-from .conftest import wait_until
+from .conftest import stop_process, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -57,13 +57,7 @@ def worker(server: EmbeddedServer, example: ModuleType) -> Iterator[subprocess.P
         start_new_session=True,
     )  # fmt: skip
     yield proc
-    os.killpg(proc.pid, signal.SIGCONT)  # in case a test stopped it and failed
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import redis
 from celery import group, states
 
-from .conftest import wait_until
+from .conftest import stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,16 +30,6 @@ def _worker(server: Any, extra_env: dict[str, str], *options: str) -> subprocess
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
         start_new_session=True,
     )  # fmt: skip
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 @pytest.fixture
@@ -79,7 +69,7 @@ def test_a_worker_killed_mid_task(server: Any, r: redis.Redis, worker_app: Any) 
     try:
         waiter.join(60)
     finally:
-        _stop(second)
+        stop_process(second)
     assert seen == ["survived"]
     assert r.llen(worker_app.app.backend.layout.result(result.id)) == 1
 
@@ -127,7 +117,7 @@ def _load(
             thread.join(600)
     finally:
         for proc in workers:
-            _stop(proc)
+            stop_process(proc)
     elapsed = time.monotonic() - started
     assert errors == []
     for index, counts in enumerate(received):

@@ -18,7 +18,7 @@ import redis
 from celery import chord, group, states
 from celery.exceptions import TimeoutError
 
-from .conftest import running_worker
+from .conftest import running_worker, wait_until
 from .processes import celery_worker, stop
 from .test_cli import run
 
@@ -53,18 +53,11 @@ def old_app(make_app: Any, server: Any) -> Any:
     return _redis_app(make_app, server)
 
 
-def _until(condition: Any, what: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_workers_first_leaves_redis_clients_waiting(old_app: Any, app: Any, r: redis.Redis) -> None:
     """Why clients switch first: a perkey worker's result is where redis:// never looks."""
     with running_worker(app):
         result = old_app.signature("t.add", args=(1, 2)).delay()
-        _until(lambda: r.exists(app.backend.layout.result(result.id)), "the perkey result")
+        wait_until(lambda: r.exists(app.backend.layout.result(result.id)), "the perkey result", 30)
         with pytest.raises(TimeoutError):
             result.get(timeout=1)
         _never_ready(result)
@@ -95,7 +88,7 @@ def test_a_chord_split_across_backends_never_completes(
         job = chord(header)(app.signature("t.tsum"))
         group_id = job.parent.id
         # The old worker counted all three parts in redis://'s keys, where no size is.
-        _until(lambda: r.zcard(f"celery-taskset-meta-{group_id}.j") == 3, "three parts")
+        wait_until(lambda: r.zcard(f"celery-taskset-meta-{group_id}.j") == 3, "three parts", 30)
         assert r.exists(app.backend.layout.chord(group_id, "s"))
         assert not r.exists(f"celery-taskset-meta-{group_id}.s")
         assert job.parent.get(timeout=5) == [0, 2, 4]
@@ -155,7 +148,7 @@ def test_the_checklist_with_real_workers_loses_no_result(
             expected[client.send_task("w.mul", args=(i, 7)).id] = i * 7
         slow = client.send_task("w.slow", args=(4, "in flight during the switch"))
         expected[slow.id] = "in flight during the switch"
-        _until(lambda: slow.state == states.STARTED, "the slow task to start on the old worker")
+        wait_until(lambda: slow.state == states.STARTED, "the old worker starts the slow task", 30)
 
         # 2. Workers switch: new ones start, old ones stop warm (running tasks finish).
         new_worker = celery_worker(server, {}, *prefork)
@@ -177,10 +170,10 @@ def test_the_checklist_with_real_workers_loses_no_result(
         assert stats["legacy_keys"]["group"] == 1
         check = run(client, "migrate", "--check")
         assert check.exit_code == 7, check.output
-        _until(
+        wait_until(
             lambda: run(client, "migrate", "--check").exit_code == 0,
             "the legacy keys to expire",
-            seconds=ttl + 60,
+            timeout=ttl + 60,
         )
 
         # 4. The fallback goes; everything still works.

@@ -12,7 +12,7 @@ import redis
 from celery import states
 from celery.exceptions import TimeoutError
 
-from celery_perkey_backend import StoreCommandError
+from celery_perkey_backend import StoreCommandError, connection
 from celery_perkey_backend.testing import EmbeddedServer
 
 from .conftest import command_calls, wait_for_blocked_clients, wait_until
@@ -133,31 +133,78 @@ def test_waits_queue_for_a_full_pool(make_app: Any, r: redis.Redis) -> None:
     assert len([c for c in r.client_list() if c["name"] == "pool-of-ten"]) <= 10
 
 
-def test_a_deadline_passing_in_the_queue_names_the_pool(make_app: Any, r: redis.Redis) -> None:
-    app = make_app(redis_max_connections=2)
-    holders = [threading.Thread(target=_quietly, args=(app, f"held{i}", 5)) for i in range(2)]
+@contextlib.contextmanager
+def _pool_held(app: Any, r: redis.Redis, count: int, seconds: float) -> Iterator[None]:
+    """``count`` waits that hold a connection each, blocked for ``seconds``."""
+    holders = [
+        threading.Thread(target=_quietly, args=(app, f"held{i}", seconds)) for i in range(count)
+    ]
     for thread in holders:
         thread.start()
-    wait_for_blocked_clients(r, 2)
-    with pytest.raises(TimeoutError, match=r"redis_max_connections=2"):
-        app.AsyncResult("t1").get(timeout=0.5)
+    wait_for_blocked_clients(r, count)
+    yield
     for thread in holders:
         thread.join(30)
+
+
+def test_a_deadline_passing_in_the_queue_names_the_pool(make_app: Any, r: redis.Redis) -> None:
+    app = make_app(redis_max_connections=2)
+    with (
+        _pool_held(app, r, 2, 1.5),
+        pytest.raises(TimeoutError, match=r"redis_max_connections=2"),
+    ):
+        app.AsyncResult("t1").get(timeout=0.5)
 
 
 def test_a_store_queues_for_a_full_pool(make_app: Any, r: redis.Redis) -> None:
     app = make_app(redis_max_connections=2)
-    holders = [threading.Thread(target=_quietly, args=(app, f"held{i}", 1.5)) for i in range(2)]
-    for thread in holders:
-        thread.start()
-    wait_for_blocked_clients(r, 2)
-    # Both connections block for 1.5 s; the store waits for one instead of failing.
-    app.backend.store_result("t1", "queued", states.SUCCESS)
+    with _pool_held(app, r, 2, 1.5):
+        # Both connections block for 1.5 s; the store waits for one instead of failing.
+        app.backend.store_result("t1", "queued", states.SUCCESS)
     assert r.exists(app.backend.layout.result("t1"))
-    for thread in holders:
-        thread.join(30)
 
 
 def _quietly(app: Any, task_id: str, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         app.AsyncResult(task_id).get(timeout=timeout)
+
+
+# -- after a burst ---------------------------------------------------------------------
+
+
+def test_a_burst_of_waits_leaves_no_crowd_of_connections(
+    make_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py keeps every idle connection for good; after a quiet spell the pool closes
+    those above the floor, so 60 waits at once do not cost 60 clients for life."""
+    monkeypatch.setattr(connection, "TRIM_AFTER", 0.3)
+    with EmbeddedServer() as srv:
+        client = redis.Redis(port=srv.port)
+        url = f"perkey://127.0.0.1:{srv.port}/0"
+        app = make_app(backend=url, perkey_multiplex=False, redis_client_name="burst")
+        workers = make_app(backend=url)
+
+        def ours() -> int:
+            return len([c for c in client.client_list() if c["name"] == "burst"])
+
+        outcome: dict[int, Any] = {}
+        threads = [
+            threading.Thread(
+                target=lambda i=i: outcome.__setitem__(i, app.AsyncResult(f"t{i}").get(timeout=30))
+            )
+            for i in range(60)
+        ]
+        for thread in threads:
+            thread.start()
+        wait_for_blocked_clients(client, 60)
+        assert ours() >= 60
+        for i in range(60):
+            workers.backend.store_result(f"t{i}", i, states.SUCCESS)
+        for thread in threads:
+            thread.join(30)
+        assert outcome == {i: i for i in range(60)}
+        wait_until(lambda: ours() <= connection.TRIM_FLOOR, "the idle connections closed")
+        # Closed, not lost: the pool reconnects as it needs.
+        workers.backend.store_result("after", "fine", states.SUCCESS)
+        assert app.AsyncResult("after").get(timeout=5) == "fine"
+        client.close()

@@ -1,10 +1,15 @@
-"""Two views: one dispatches a task, the other returns its state and result."""
+"""Views: one dispatches a task; the others return its state and result, waiting for it
+in a thread (a sync view) or on the event loop (an async view)."""
 
 import contextlib
 
+from asgiref.sync import sync_to_async
 from celery.exceptions import TimeoutError
+from celery.result import AsyncResult
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET, require_POST
+
+from celery_perkey_backend import aio
 
 from .tasks import add
 
@@ -29,9 +34,30 @@ def task_state(request: HttpRequest, task_id: str) -> JsonResponse:
         # Not ready in time: report the state it has.
         with contextlib.suppress(TimeoutError):
             result.get(timeout=float(wait), propagate=False)
-    body: dict[str, object] = {"task_id": task_id, "state": result.state}
+    return JsonResponse(_describe(result))
+
+
+@require_GET
+async def task_state_async(request: HttpRequest, task_id: str) -> JsonResponse:
+    """The same, awaited: ``?wait=S`` waits on the event loop, not in a thread.
+
+    ``aio.wait`` registers the wait with the process's multiplexer and sleeps until the
+    store's notification (no polling, no connection of its own); many such requests
+    wait at once on two connections.
+    """
+    result = add.AsyncResult(task_id)
+    wait = request.GET.get("wait")
+    if wait:
+        with contextlib.suppress(TimeoutError):
+            await aio.wait(result, timeout=float(wait), propagate=False)
+    # Reading the state is a blocking call: off the event loop.
+    return JsonResponse(await sync_to_async(_describe, thread_sensitive=False)(result))
+
+
+def _describe(result: AsyncResult) -> dict[str, object]:
+    body: dict[str, object] = {"task_id": result.id, "state": result.state}
     if result.successful():
         body["result"] = result.result
     elif result.failed():
         body["error"] = repr(result.result)
-    return JsonResponse(body)
+    return body
