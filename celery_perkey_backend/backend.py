@@ -18,16 +18,18 @@ import redis
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import BackendStoreError
+from celery.result import result_from_tuple
 
 from .chords import ChordCoordinator
 from .deadline import Deadline
 from .errors import BackendUnavailableError, CorruptResultError, quote_id
 from .keys import READY_LETTERS, KeyLayout, parse_ready
-from .prometheus import publish
+from .legacy import fallbacks
+from .prometheus import sweep_and_publish
 from .settings import Settings
 from .stats import KeyStats, collect_stats
 from .store import Record, ResultStore
-from .sweep import SweepOptions, SweepSummary, sweep
+from .sweep import SweepOptions, SweepSummary
 from .tasks import register_sweep_task
 from .urls import mask_url
 from .waiting import PARENT_CHECK, Waiter
@@ -102,8 +104,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         # are on); Celery's own loop around it only turns the last error into its own.
         self.max_retries = 0
         self.url = url
-        layout = KeyLayout(settings.key_prefix, settings.legacy_prefix)
-        self.store = ResultStore(settings, layout.legacy if settings.legacy_fallback else None)
+        self.store = ResultStore(settings, *fallbacks(settings))
         self.waiter = Waiter(self.store, multiplex=settings.multiplexed)
         self.chords = ChordCoordinator(self.store, self)
         self.prefetch = JoinPrefetch()
@@ -119,7 +120,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         return self.store.client
 
     def as_uri(self, include_password: bool = False) -> str:
-        url = self.url or self.settings.redis_url
+        url = self.settings.url
         return url if include_password else mask_url(url)
 
     def __repr__(self) -> str:
@@ -141,14 +142,12 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def run_sweep(
         self, progress: Callable[[int, int], None] | None = None, **options: Any
     ) -> SweepSummary:
-        """Sweep, publishing the bodies of stalled chords (the chord coordinator's
-        repair), then publish the figures if Prometheus export is configured.
+        """Sweep, repairing stalled chords (the chord coordinator publishes their bodies),
+        then record it for Prometheus if export is configured.
 
         Every entry point uses this: :meth:`cleanup`, the sweep task and the CLI.
         """
-        summary = sweep(self.store, progress=progress, repair=self.chords.repair, **options)
-        publish(self.store, summary)
-        return summary
+        return sweep_and_publish(self.store, progress, repair=self.chords.repair, **options)
 
     def stats(self, sample_limit: int = 100_000) -> KeyStats:
         """Key metrics: counts by kind, TTL histogram, TTL-less keys, sampled sizes."""
@@ -178,6 +177,16 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
 
     def delete(self, key: str) -> None:
         self.store.delete(key)
+
+    def _restore_group(self, group_id: str) -> Meta | None:
+        raw = self.store.read_group(str(group_id))  # ours, else one that redis:// saved
+        meta: Meta | None = None if raw is None else self.decode(raw)
+        if meta is not None:
+            meta["result"] = result_from_tuple(meta["result"], self.app)
+        return meta
+
+    def _delete_group(self, group_id: str) -> None:
+        self.store.forget_group(str(group_id))
 
     # -- storing ----------------------------------------------------------------------
 

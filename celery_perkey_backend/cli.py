@@ -1,9 +1,11 @@
 """``celery -A proj perkey …``: operator commands, added to Celery's own CLI through the
 ``celery.commands`` entry point.
 
-Exit codes: 0 done; 1 ``inspect`` found nothing; 2 usage error; 3 the server cannot be
-reached or refused a command; 4 the app does not use this backend; 5 ``sweep`` skipped
-because another sweep holds the lock; 6 ``doctor`` found something dangerous.
+Exit codes: 0 done; 1 ``inspect`` found nothing; 2 usage error (or ``metrics`` without
+the ``prometheus`` extra); 3 the server cannot be reached or refused a command; 4 the app
+does not use this backend; 5 ``sweep`` skipped because another sweep holds the lock; 6
+``doctor`` found something dangerous; 7 ``migrate --check``: keys of ``redis://`` are
+still in flight.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import click
 
 from .doctor import SEVERITIES, Report, diagnose
 from .errors import PerkeyError, quote_id
-from .keys import parse_ready
+from .keys import LEGACY_KINDS, parse_ready
+from .legacy import LegacySurvey, expire_legacy, survey
+from .prometheus import render, write_textfile
 from .settings import parse_duration
 from .stats import TTL_BUCKETS, collect_stats
 from .store import Record
@@ -31,6 +35,7 @@ EXIT_UNAVAILABLE = 3
 EXIT_NOT_PERKEY = 4
 EXIT_LOCKED = 5
 EXIT_DANGER = 6
+EXIT_IN_FLIGHT = 7
 
 #: Above this many keys in the database, ``sweep`` shows a progress bar.
 PROGRESS_THRESHOLD = 10_000
@@ -67,12 +72,25 @@ def perkey() -> None:
     """Inspect and sweep the perkey result backend's keys."""
 
 
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Check a duration option at once (exit 2), naming the option once."""
+    if value is not None:
+        try:
+            parse_duration(value, param.name or "duration")
+        except PerkeyError:
+            raise click.BadParameter(
+                f"{value!r} is not a duration: use seconds, or e.g. 90s, 30m, 2h, 1d, 1w"
+            ) from None
+    return value
+
+
 @perkey.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--sample-limit", default=100_000, show_default=True, help="Keys examined at most.")
+@click.option("--verbose", "-v", is_flag=True, help="Name the keys of an unexpected type.")
 @click.pass_context
 @_guard
-def stats(ctx: click.Context, as_json: bool, sample_limit: int) -> None:
+def stats(ctx: click.Context, as_json: bool, sample_limit: int, verbose: bool) -> None:
     """Count result keys by kind and remaining TTL."""
     figures = collect_stats(_backend(ctx), sample_limit=sample_limit)
     if as_json:
@@ -82,27 +100,44 @@ def stats(ctx: click.Context, as_json: bool, sample_limit: int) -> None:
     rows += [(f"ttl {name}", str(figures.ttl_histogram[name])) for name, _ in TTL_BUCKETS]
     age = figures.oldest_no_ttl_age
     rows += [
-        ("no ttl", str(figures.no_ttl)),
+        ("without ttl (the sweep fixes these)", str(figures.no_ttl)),
         ("oldest without ttl", "-" if age is None else f"{age:.0f}s"),
-        ("unexpected type", str(figures.unexpected_type)),
+        ("unexpected type (never touched)", str(figures.unexpected_type)),
         ("chords stalled", str(figures.chords_stalled)),
         (
             "bytes per key (sampled)",
-            "-" if figures.bytes_per_key is None else f"{figures.bytes_per_key:.0f}",
+            "-" if figures.bytes_per_key is None else _human_bytes(figures.bytes_per_key),
         ),
         ("our keys", str(figures.our_keys)),
         ("keys in database", str(figures.db_keys)),
-        ("used memory", str(figures.used_memory)),
+        ("used memory", _human_bytes(figures.used_memory)),
     ]
+    for kind in LEGACY_KINDS:
+        count, bare = figures.legacy_keys.get(kind, 0), figures.legacy_without_ttl.get(kind, 0)
+        rows.append((f"redis:// {kind} keys", f"{count} ({bare} without ttl)"))
     _table(rows)
     if figures.sampled:
         click.echo(f"(estimated from a sample of {figures.examined} keys)")
+    if verbose and figures.unexpected_keys:
+        more = figures.unexpected_type - len(figures.unexpected_keys)
+        click.echo(
+            "keys of an unexpected type"
+            + (f" (first {len(figures.unexpected_keys)})" if more > 0 else "")
+            + ":"
+        )
+        for key in figures.unexpected_keys:
+            click.echo(f"  {_safe(key)}")
 
 
 @perkey.command(name="sweep")
 @click.option("--dry-run", is_flag=True, help="Report what would be done; change nothing.")
 @click.option("--delete", is_flag=True, help="Unlink keys past --max-age instead.")
-@click.option("--max-age", default=None, help="Age past which a key is too old, e.g. 1d, 6h.")
+@click.option(
+    "--max-age",
+    default=None,
+    callback=_duration,
+    help="Age past which a key is too old, e.g. 1d, 6h.",
+)
 @click.option("--chords-only", is_flag=True, help="Only repair stalled chords.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
@@ -118,11 +153,6 @@ def sweep_command(
     """Find result keys without a TTL, too old, or left over, and fix them; publish the
     bodies of stalled chords."""
     backend = _backend(ctx)
-    if max_age is not None:
-        try:
-            parse_duration(max_age, "--max-age")
-        except PerkeyError as exc:
-            raise click.BadParameter(str(exc), param_hint="--max-age") from None
     total = backend.store.dbsize()
     options = {
         "dry_run": dry_run,
@@ -250,6 +280,96 @@ def _print_report(report: Report) -> None:
                 )
     counts = report.counts()
     click.echo(", ".join(f"{name}: {counts[name]}" for name in reversed(SEVERITIES)))
+
+
+@perkey.command()
+@click.option("--check", is_flag=True, help="Exit 7 while keys of redis:// are in flight.")
+@click.option(
+    "--expire-legacy",
+    "ttl",
+    default=None,
+    callback=_duration,
+    help="First give keys of redis:// that have no TTL this one, e.g. 1d.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@_guard
+def migrate(ctx: click.Context, check: bool, ttl: str | None, as_json: bool) -> None:
+    """Say whether the switch from redis:// is done: whether any result or saved group
+    that redis:// wrote is left, which perkey_legacy_fallback still has to read."""
+    backend = _backend(ctx)
+    given = None
+    if ttl is not None:
+        given = expire_legacy(backend.store, parse_duration(ttl, "--expire-legacy"))
+    report = survey(backend.store, backend.decode_record)
+    if as_json:
+        click.echo(json.dumps({**report.as_dict(), "ttl_given": given}, indent=2))
+    else:
+        if given is not None:
+            click.echo(f"gave {given} key(s) of redis:// a TTL of {ttl}")
+        last = report.last_expiry_s
+        _table(
+            [
+                ("redis:// results", str(report.results)),
+                ("  not ready yet", str(report.results_not_ready)),
+                ("  unreadable", str(report.results_unreadable)),
+                ("  without ttl", str(report.results_without_ttl)),
+                ("redis:// saved groups", str(report.groups)),
+                ("  without ttl", str(report.groups_without_ttl)),
+                ("redis:// chord keys (never read)", str(report.chord_keys)),
+                ("last one expires in", "-" if last is None else f"{last:.0f}s"),
+                ("perkey_legacy_fallback", "on" if report.fallback else "off"),
+            ]
+        )
+        click.echo(_verdict(report))
+    if check and report.in_flight:
+        sys.exit(EXIT_IN_FLIGHT)
+
+
+@perkey.command()
+@click.option("--textfile", default=None, help="Write them to this file instead (node-exporter).")
+@click.pass_context
+@_guard
+def metrics(ctx: click.Context, textfile: str | None) -> None:
+    """Print the Prometheus metrics, as a scrape would see them now."""
+    store = _backend(ctx).store
+    try:
+        if textfile:
+            write_textfile(store, textfile)
+        else:
+            click.echo(render(store).decode(), nl=False)
+    except ImportError:
+        _fail("prometheus_client is missing: pip install 'celery-perkey-backend[prometheus]'", 2)
+
+
+def _verdict(report: LegacySurvey) -> str:
+    if not report.in_flight:
+        return (
+            "done: no result or saved group of redis:// is left; "
+            "perkey_legacy_fallback can be turned off"
+        )
+    line = f"in flight: {report.in_flight} key(s) of redis:// left"
+    if report.fallback:
+        line += "; keep perkey_legacy_fallback on"
+    else:
+        line += "; perkey_legacy_fallback is OFF, so they read as PENDING"
+    if report.results_not_ready:
+        line += f"; {report.results_not_ready} task(s) still running on a redis:// worker"
+    if report.without_ttl:
+        line += f"; {report.without_ttl} never expire (give them a TTL: --expire-legacy 1d)"
+    elif report.last_expiry_s is not None:
+        line += f"; the last expires in {report.last_expiry_s:.0f}s"
+    return line
+
+
+def _human_bytes(size: float) -> str:
+    """``1536`` as ``1.5 KiB``: sizes an operator reads at a glance."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    step = 0
+    while size >= 1024 and step < len(units) - 1:
+        size /= 1024
+        step += 1
+    return f"{size:.0f} B" if step == 0 else f"{size:.1f} {units[step]}"
 
 
 def _safe(raw: Any, limit: int = 200) -> str:

@@ -289,6 +289,7 @@ def client_for(settings: Settings) -> redis.Redis:
     """
     url, options = settings.redis_url, settings.connection_options
     transport = settings.transport_options
+    shown = mask_url(settings.url)
     ident = (url, repr(sorted(options.items())), repr(sorted(transport.items())))
     with _clients_lock:
         client = _clients.get(ident)
@@ -296,7 +297,7 @@ def client_for(settings: Settings) -> redis.Redis:
             try:
                 client = _build(settings)
             except (ValueError, TypeError, redis.RedisError, RedisClusterException) as exc:
-                raise ConfigurationError(f"result_backend {mask_url(url)!r}: {exc}") from None
+                raise ConfigurationError(f"result_backend {shown!r}: {exc}") from None
             _clients[ident] = client
     return client
 
@@ -439,7 +440,7 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
     where:
         The operation, e.g. ``"store result of task 'abc'"``.
     url:
-        The server URL; its password is masked.
+        The backend URL as the user wrote it; its password is masked.
     key:
         The key involved, if there is one.
 

@@ -22,6 +22,7 @@ key               type         holds
                                "done"
 ``c:{<gid>}:b``   string       the body's task id and signature, for a repair
 ``lock:sweep``    string       the sweep lock
+``metrics``       hash         sweep counts and the last key metrics, for Prometheus
 ================  ===========  ==========================================================
 
 Everything one script or transaction touches shares a hash tag: a task's two keys
@@ -43,6 +44,8 @@ from .errors import InvalidIdError, quote_id
 
 __all__ = [
     "KIND_NAMES",
+    "LEGACY_GROUP_PREFIX",
+    "LEGACY_KINDS",
     "LEGACY_TASK_PREFIX",
     "READY_LETTERS",
     "ChordKeys",
@@ -59,6 +62,15 @@ READY_LETTERS = {"SUCCESS": "S", "FAILURE": "F", "REVOKED": "R"}
 
 #: The legacy key that Celery's built-in Redis backend writes.
 LEGACY_TASK_PREFIX = "celery-task-meta-"
+
+#: Where Celery's built-in Redis backend saves a ``GroupResult``; its chord keys are
+#: this name with ``.j``, ``.s``, ``.t``, ``.d`` or ``.c`` after it.
+LEGACY_GROUP_PREFIX = "celery-taskset-meta-"
+
+#: The kinds of legacy key, as :meth:`KeyLayout.legacy_kind_of` names them.
+LEGACY_KINDS = ("task", "group", "chord")
+
+_LEGACY_CHORD_SUFFIXES = (".j", ".s", ".t", ".d", ".c")
 
 #: The kind of each key of ours, by the code :meth:`KeyLayout.kind_of` gives it.
 KIND_NAMES = {
@@ -84,6 +96,7 @@ _CHORD_CODES = {"j": "j", "s": "n", "d": "d", "c": "c", "t": "t", "b": "b"}
 CHORD_DATA_PARTS = frozenset("jdtb")
 
 _SWEEP_LOCK = "lock:sweep"
+_METRICS = "metrics"
 
 
 def _tagged(ident: str, what: str) -> str:
@@ -126,10 +139,13 @@ class KeyLayout:
     legacy_prefix:
         The prefix under which Celery's built-in backend wrote results, including any
         ``global_keyprefix``; read only, to serve results in flight during a switch.
+    legacy_group_prefix:
+        The same for its saved groups (and, with a suffix, its chord keys).
     """
 
     prefix: str
     legacy_prefix: str = LEGACY_TASK_PREFIX
+    legacy_group_prefix: str = LEGACY_GROUP_PREFIX
 
     def result(self, task_id: str) -> str:
         return f"{self.prefix}r:{_tagged(task_id, 'task id')}"
@@ -149,6 +165,18 @@ class KeyLayout:
 
     def legacy(self, task_id: str) -> str:
         return f"{self.legacy_prefix}{task_id}"
+
+    def legacy_group(self, group_id: str) -> str:
+        return f"{self.legacy_group_prefix}{group_id}"
+
+    def legacy_kind_of(self, name: str) -> str | None:
+        """``"task"``, ``"group"`` or ``"chord"`` for a key Celery's ``redis://`` backend
+        writes (below the same ``global_keyprefix``), ``None`` for any other key."""
+        if name.startswith(self.legacy_prefix):
+            return "task"
+        if name.startswith(self.legacy_group_prefix):
+            return "chord" if name.endswith(_LEGACY_CHORD_SUFFIXES) else "group"
+        return None
 
     def group(self, group_id: str) -> str:
         return f"{self.prefix}g:{_tagged(group_id, 'group id')}"
@@ -172,6 +200,11 @@ class KeyLayout:
         return self.prefix + _SWEEP_LOCK
 
     @property
+    def metrics(self) -> str:
+        """The hash that holds the sweep counts and key metrics Prometheus is shown."""
+        return self.prefix + _METRICS
+
+    @property
     def match_all(self) -> str:
         """A SCAN MATCH pattern for every key of ours and nothing else."""
         return glob_escape(self.prefix) + "*"
@@ -179,11 +212,11 @@ class KeyLayout:
     def kind_of(self, name: str) -> str | None:
         """The kind code of a key under our prefix (see :data:`KIND_NAMES`).
 
-        ``None`` for the sweep lock, which no sweep or count looks at, and ``"x"`` for
-        anything under the prefix that we never write.
+        ``None`` for the sweep lock and the metrics hash, which no sweep or count looks
+        at, and ``"x"`` for anything under the prefix that we never write.
         """
         rest = name[len(self.prefix) :]
-        if rest == _SWEEP_LOCK:
+        if rest in (_SWEEP_LOCK, _METRICS):
             return None
         code = rest[:1]
         if rest[1:3] != ":{":
@@ -261,19 +294,22 @@ ACL_COMMANDS = (
     "blmove", "brpoplpush", "blpop", "lpop", "get", "set", "del", "unlink", "exists",
     "pexpire", "expire", "time", "incr", "sadd", "srem", "sismember", "smembers", "zadd",
     "zcard", "zrange", "type", "pttl", "xrevrange", "xinfo|stream",
-    # sweep and stats
-    "scan", "dbsize", "info", "memory|usage",
+    # sweep and stats, and the metrics hash
+    "scan", "dbsize", "info", "memory|usage", "hget", "hset", "hincrby", "hgetall",
 )  # fmt: skip
 
 
 def acl_rules(layout: KeyLayout) -> str:
     """The ``ACL SETUSER`` rules for a least-privilege backend user.
 
-    It may touch only our keys, plus the legacy ``celery-task-meta-*`` keys that reads
-    fall back to during a switch from ``redis://`` (drop that pattern when
-    ``perkey_legacy_fallback`` is off).
+    It may touch only our keys, plus the legacy ``celery-task-meta-*`` and
+    ``celery-taskset-meta-*`` keys that reads fall back to during a switch from
+    ``redis://`` (drop those patterns when ``perkey_legacy_fallback`` is off).
     """
-    patterns = f"~{glob_escape(layout.prefix)}* ~{glob_escape(layout.legacy_prefix)}*"
+    patterns = " ".join(
+        f"~{glob_escape(prefix)}*"
+        for prefix in (layout.prefix, layout.legacy_prefix, layout.legacy_group_prefix)
+    )
     return f"resetkeys {patterns} resetchannels -@all " + " ".join(
         f"+{command}" for command in ACL_COMMANDS
     )

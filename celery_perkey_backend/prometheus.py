@@ -1,121 +1,402 @@
 """Prometheus export of the key metrics and sweep counts (the ``prometheus`` extra).
 
-:func:`publish` is what every sweep entry point calls after a sweep when
-``perkey_prometheus_port`` or ``perkey_prometheus_textfile`` is set.
+The figures live in Redis, not in a process. Each sweep adds its counts to one hash
+(``<prefix>metrics``) in one atomic script, and stores the key metrics it measured
+after it; every process renders the same series from that hash, plus the servers' client
+counts read at that moment. So a counter never goes backwards, whichever pool process
+swept, however many there are, and whichever worker is scraped; and a gauge shows every
+label each time (a kind whose keys are gone reads 0).
+
+- **Port** (``perkey_prometheus_port``): the main process of each ``celery worker``
+  serves the metrics from the moment it starts; its pool processes never listen. A
+  second worker on the same host finds the port taken, says so once, and carries on: the
+  process already listening serves the same figures.
+- **Textfile** (``perkey_prometheus_textfile``): the sweeping process rewrites the file
+  after each sweep, and the main process of each worker at start and every
+  ``perkey_prometheus_refresh``; one write at a time (a lock file beside it), atomically
+  (a rename), each from what Redis holds when it writes.
+
+Only our own series are shown (a registry of our own, without the ``process_*`` and
+``python_*`` collectors). If Redis cannot be read, only ``perkey_up 0`` is.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from .stats import KeyStats, collect_stats
+from celery import signals
+
+from .errors import PerkeyError
+from .keys import KIND_NAMES, LEGACY_KINDS
+from .stats import TTL_BUCKETS, KeyStats, collect_stats
 from .store import ResultStore
-from .sweep import SweepSummary
+from .sweep import CLASSES, ChordRepair, SweepSummary, sweep
+from .tasks import uses_perkey
 
-__all__ = ["export_prometheus", "publish", "serve_prometheus"]
+__all__ = [
+    "METRIC_NAMES",
+    "exporting",
+    "record_stats",
+    "render",
+    "serve",
+    "sweep_and_publish",
+    "write_textfile",
+]
+
+logger = logging.getLogger("celery_perkey_backend")
+
+#: What a sweep can do with a stalled chord (``SweepSummary.chords_<outcome>``).
+CHORD_OUTCOMES = ("repaired", "settled", "failed")
+
+#: Every sample name the exporter can write (counters with their ``_total``).
+METRIC_NAMES = frozenset(
+    {
+        "perkey_up",
+        "perkey_keys",
+        "perkey_keys_ttl_remaining",
+        "perkey_keys_without_ttl",
+        "perkey_oldest_key_without_ttl_seconds",
+        "perkey_unexpected_keys",
+        "perkey_key_bytes",
+        "perkey_db_keys",
+        "perkey_used_memory_bytes",
+        "perkey_legacy_keys",
+        "perkey_legacy_keys_without_ttl",
+        "perkey_stats_timestamp_seconds",
+        "perkey_sweeps_total",
+        "perkey_swept_keys_total",
+        "perkey_sweep_ttl_set_total",
+        "perkey_sweep_unlinked_total",
+        "perkey_sweep_failures_total",
+        "perkey_sweep_chords_total",
+        "perkey_chords_stalled",
+        "perkey_last_sweep_timestamp_seconds",
+        "perkey_last_sweep_duration_seconds",
+        "perkey_server_connected_clients",
+        "perkey_server_blocked_clients",
+        "perkey_server_maxclients",
+    }
+)
 
 
-def publish(store: ResultStore, summary: SweepSummary) -> None:
-    """After a sweep: serve or write the figures, as the store's settings ask."""
+def exporting(store: ResultStore) -> bool:
+    """Whether the store's settings ask for Prometheus export."""
     settings = store.settings
-    if summary.skipped_locked or not (settings.prometheus_port or settings.prometheus_textfile):
-        return
-    if settings.prometheus_port:
-        serve_prometheus(settings.prometheus_port)
-    export_prometheus(collect_stats(store), summary, textfile=settings.prometheus_textfile)
+    return bool(settings.prometheus_port or settings.prometheus_textfile)
 
 
-def export_prometheus(
-    stats: KeyStats | None = None,
-    summary: SweepSummary | None = None,
-    registry: Any = None,
-    textfile: str | None = None,
-) -> Any:
-    """Publish ``stats`` as gauges and ``summary`` as counters.
+# -- recording, in the process that sweeps ------------------------------------------
 
-    Parameters
-    ----------
-    registry:
-        A ``prometheus_client.CollectorRegistry``; the default registry when omitted,
-        which a worker serving ``prometheus_client.start_http_server`` exposes.
-    textfile:
-        Also write the registry to this path for node-exporter's textfile collector.
 
-    Returns
-    -------
-    The registry written to.
+def sweep_and_publish(
+    store: ResultStore,
+    progress: Callable[[int, int], None] | None = None,
+    repair: ChordRepair | None = None,
+    **options: Any,
+) -> SweepSummary:
+    """Sweep (``repair`` publishes stalled chords' bodies); with export configured, count
+    it (or its failure) and the key metrics.
+
+    Every sweep entry point runs this: ``backend.cleanup()``, the sweep task, the CLI.
     """
-    import prometheus_client as prom
+    try:
+        summary = sweep(store, progress=progress, repair=repair, **options)
+    except PerkeyError:
+        if exporting(store):
+            _quietly(lambda: store.record_metrics([("+", "sweep_failures", 1)]), "a failure")
+        raise
+    if exporting(store) and not summary.skipped_locked and not summary.dry_run:
+        changes: list[tuple[str, str, int | str]] = [
+            ("+", "sweeps", 1),
+            ("+", "ttl_set", summary.ttl_set),
+            ("+", "unlinked", summary.unlinked),
+            ("=", "last_sweep_ms", store.server_time_ms()),
+            ("=", "last_sweep_duration_ms", round(summary.duration * 1000)),
+        ]
+        changes += [("+", f"swept:{cls}", n) for cls, n in summary.by_class.items()]
+        changes += [
+            ("+", f"chords:{outcome}", getattr(summary, f"chords_{outcome}"))
+            for outcome in CHORD_OUTCOMES
+        ]
+        store.record_metrics(changes)
+        record_stats(store)
+        if store.settings.prometheus_textfile:
+            write_textfile(store, store.settings.prometheus_textfile)
+    return summary
 
-    registry = registry if registry is not None else prom.REGISTRY
-    metrics = _metrics(registry)
-    if stats is not None:
-        for kind, count in stats.by_kind.items():
-            metrics["keys"].labels(kind=kind).set(count)
-        for bucket, count in stats.ttl_histogram.items():
-            metrics["ttl"].labels(remaining=bucket).set(count)
-        metrics["no_ttl"].set(stats.no_ttl)
-        metrics["stalled"].set(stats.chords_stalled)
-        metrics["oldest"].set(stats.oldest_no_ttl_age or 0)
-        metrics["bytes"].set(stats.bytes_per_key or 0)
-        metrics["db_keys"].set(stats.db_keys)
-        metrics["memory"].set(stats.used_memory)
-    if summary is not None and not summary.dry_run:
-        metrics["sweeps"].inc()
-        for cls, count in summary.by_class.items():
-            metrics["swept"].labels(**{"class": cls}).inc(count)
-        metrics["ttl_set"].inc(summary.ttl_set)
-        metrics["unlinked"].inc(summary.unlinked)
-        for outcome in ("repaired", "settled", "failed"):
-            metrics["chords"].labels(outcome=outcome).inc(getattr(summary, f"chords_{outcome}"))
-    if textfile:
-        prom.write_to_textfile(textfile, registry)
+
+def record_stats(store: ResultStore, stats: KeyStats | None = None) -> None:
+    """Store the key metrics (measured now unless given) for every exporter to show."""
+    measured_ms = store.server_time_ms()
+    stats = stats if stats is not None else collect_stats(store)
+    payload = json.dumps(stats.as_dict()).encode()
+    store.record_metrics([], stats=payload, stats_ms=measured_ms)
+
+
+def _quietly(action: Callable[[], Any], what: str) -> None:
+    try:
+        action()
+    except PerkeyError as exc:
+        logger.warning("perkey: could not record %s for Prometheus: %s", what, exc)
+
+
+# -- rendering, in any process --------------------------------------------------------
+
+
+class _Collector:
+    """prometheus_client's collector protocol, over the metrics hash in Redis."""
+
+    def __init__(self, store: ResultStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            fields = self.store.read_metrics()
+            clients = self.store.server_clients()
+        except PerkeyError as exc:
+            logger.warning("perkey: Prometheus figures unavailable: %s", exc)
+            yield GaugeMetricFamily("perkey_up", "1 if Redis answered", value=0)
+            return
+        yield GaugeMetricFamily("perkey_up", "1 if Redis answered", value=1)
+        yield from _sweep_families(fields)
+        stats = _snapshot(fields)
+        if stats is not None:
+            yield from _stats_families(stats, int(fields["stats_ms"]))
+        yield from _client_families(clients)
+
+
+def _snapshot(fields: dict[str, bytes]) -> dict[str, Any] | None:
+    """The stored key metrics, with a default for any figure a writer did not store
+    (another version of this package); ``None`` if there are none."""
+    try:
+        stored = json.loads(fields["stats"])
+        int(fields["stats_ms"])
+    except (KeyError, ValueError):
+        return None
+    defaults = KeyStats().as_dict()
+    return {name: stored.get(name, default) for name, default in defaults.items()}
+
+
+def _sweep_families(fields: dict[str, bytes]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    def number(name: str) -> int:
+        return int(fields.get(name, b"0"))
+
+    for name, field, doc in (
+        ("perkey_sweeps", "sweeps", "Sweeps run (dry runs and skipped ones aside)"),
+        ("perkey_sweep_ttl_set", "ttl_set", "TTLs set by sweeps"),
+        ("perkey_sweep_unlinked", "unlinked", "Keys unlinked by sweeps"),
+        ("perkey_sweep_failures", "sweep_failures", "Sweeps that raised an error"),
+    ):
+        yield CounterMetricFamily(name, doc, value=number(field))
+    swept = CounterMetricFamily(
+        "perkey_swept_keys", "Keys seen by sweeps, by class", labels=["class"]
+    )
+    for cls in CLASSES:
+        swept.add_metric([cls], number(f"swept:{cls}"))
+    yield swept
+    chords = CounterMetricFamily(
+        "perkey_sweep_chords", "Stalled chords handled by sweeps, by outcome", labels=["outcome"]
+    )
+    for outcome in CHORD_OUTCOMES:
+        chords.add_metric([outcome], number(f"chords:{outcome}"))
+    yield chords
+    if "last_sweep_ms" in fields:
+        yield GaugeMetricFamily(
+            "perkey_last_sweep_timestamp_seconds",
+            "When the last sweep ended (server clock)",
+            value=number("last_sweep_ms") / 1000,
+        )
+        yield GaugeMetricFamily(
+            "perkey_last_sweep_duration_seconds",
+            "How long the last sweep took",
+            value=number("last_sweep_duration_ms") / 1000,
+        )
+
+
+def _stats_families(stats: dict[str, Any], measured_ms: int) -> Iterator[Any]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    def labelled(name: str, doc: str, label: str, values: dict[str, int], names: Any) -> Any:
+        family = GaugeMetricFamily(name, doc, labels=[label])
+        for key in names:
+            family.add_metric([key], values.get(key, 0))
+        return family
+
+    kinds = sorted(set(KIND_NAMES.values()))
+    yield labelled("perkey_keys", "Result backend keys by kind", "kind", stats["by_kind"], kinds)
+    yield labelled(
+        "perkey_keys_ttl_remaining",
+        "Keys by remaining TTL",
+        "remaining",
+        stats["ttl_histogram"],
+        [name for name, _ in TTL_BUCKETS],
+    )
+    for name, doc, value in (
+        ("perkey_keys_without_ttl", "Keys of ours with no TTL (the sweep fixes them)",
+         stats["no_ttl"]),
+        ("perkey_oldest_key_without_ttl_seconds", "Age of the oldest TTL-less key",
+         stats["oldest_no_ttl_age"] or 0),
+        ("perkey_unexpected_keys", "Keys under our prefix of a type we never write",
+         stats["unexpected_type"]),
+        ("perkey_chords_stalled", "Chords complete but never published, past deadline",
+         stats["chords_stalled"]),
+        ("perkey_key_bytes", "Sampled MEMORY USAGE per key", stats["bytes_per_key"] or 0),
+        ("perkey_db_keys", "All keys in the database", stats["db_keys"]),
+        ("perkey_used_memory_bytes", "The servers' used_memory", stats["used_memory"]),
+        ("perkey_stats_timestamp_seconds", "When these key metrics were measured",
+         measured_ms / 1000),
+    ):  # fmt: skip
+        yield GaugeMetricFamily(name, doc, value=value)
+    yield labelled(
+        "perkey_legacy_keys",
+        "Keys redis:// left, by kind (during a switch)",
+        "kind",
+        stats["legacy_keys"],
+        LEGACY_KINDS,
+    )
+    yield labelled(
+        "perkey_legacy_keys_without_ttl",
+        "Keys redis:// left without a TTL, by kind",
+        "kind",
+        stats["legacy_without_ttl"],
+        LEGACY_KINDS,
+    )
+
+
+def _client_families(clients: list[tuple[str, dict[str, int]]]) -> Iterator[Any]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    for name, field, doc in (
+        ("perkey_server_connected_clients", "connected_clients", "Clients connected now"),
+        ("perkey_server_blocked_clients", "blocked_clients", "Clients blocked now (waiters)"),
+        ("perkey_server_maxclients", "maxclients", "The server's maxclients"),
+    ):
+        family = GaugeMetricFamily(name, doc, labels=["server"])
+        for server, info in clients:
+            if field in info:
+                family.add_metric([server], info[field])
+        yield family
+
+
+def _registry(store: ResultStore) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(store))
     return registry
 
 
-_registered: dict[int, dict[str, Any]] = {}
-_serving: set[int] = set()
+def render(store: ResultStore) -> bytes:
+    """The metrics in Prometheus' text format, as a scrape would see them now."""
+    from prometheus_client import generate_latest
+
+    data: bytes = generate_latest(_registry(store))
+    return data
 
 
-def serve_prometheus(port: int) -> None:
-    """Serve the default registry on ``port`` from this process, once."""
+def write_textfile(store: ResultStore, path: str) -> None:
+    """Write the metrics to ``path`` for node-exporter's textfile collector.
+
+    One writer at a time (a lock file beside it), each rendering what Redis holds once it
+    has the lock, so a slower writer can never put older counts back; the file is
+    replaced atomically.
+    """
+    from prometheus_client import write_to_textfile
+
+    with _locked(path + ".lock"):
+        write_to_textfile(path, _registry(store))
+
+
+@contextmanager
+def _locked(path: str) -> Iterator[None]:
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_serving: dict[int, Any] = {}
+
+
+def serve(store: ResultStore, port: int) -> bool:
+    """Serve the metrics on ``port`` from this process (once); False if it is taken.
+
+    A taken port is no error: another process of this host serves the same figures.
+    """
     if port in _serving:
+        return True
+    from prometheus_client import start_http_server
+
+    try:
+        _serving[port] = start_http_server(port, registry=_registry(store))
+    except OSError as exc:
+        logger.warning(
+            "perkey: Prometheus port %d is taken (%s); the process listening there "
+            "serves the same figures, which live in Redis",
+            port,
+            exc,
+        )
+        return False
+    return True
+
+
+# -- the worker's main process ------------------------------------------------------
+
+
+def _start(store: ResultStore, stop: threading.Event) -> None:
+    """Serve or write from the worker's main process, for as long as it runs."""
+    settings = store.settings
+    if settings.prometheus_port:
+        serve(store, settings.prometheus_port)
+
+    def run() -> None:
+        # Key metrics from the start, not from the first sweep (04:00 by default).
+        if "stats" not in _safe_read(store):
+            _quietly(lambda: record_stats(store), "the key metrics")
+        while settings.prometheus_textfile:
+            _quietly(lambda: write_textfile(store, str(settings.prometheus_textfile)), "a file")
+            if stop.wait(settings.prometheus_refresh_s):
+                return
+
+    threading.Thread(target=run, name="perkey-prometheus", daemon=True).start()
+
+
+def _safe_read(store: ResultStore) -> dict[str, bytes]:
+    try:
+        return store.read_metrics()
+    except PerkeyError:
+        return {}
+
+
+_stops: list[threading.Event] = []
+
+
+@signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
+def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is None or not uses_perkey(app):
         return
-    import prometheus_client as prom
+    store = app.backend.store
+    if exporting(store):
+        stop = threading.Event()
+        _stops.append(stop)
+        _start(store, stop)
 
-    prom.start_http_server(port)
-    _serving.add(port)
 
-
-def _metrics(registry: Any) -> dict[str, Any]:
-    found = _registered.get(id(registry))
-    if found is not None:
-        return found
-    from prometheus_client import Counter as PCounter
-    from prometheus_client import Gauge
-
-    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
-        return Gauge(f"perkey_{name}", doc, labels, registry=registry)
-
-    def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
-        return PCounter(f"perkey_{name}", doc, labels, registry=registry)
-
-    found = {
-        "keys": gauge("keys", "Result backend keys by kind", ("kind",)),
-        "ttl": gauge("keys_ttl_remaining", "Keys by remaining TTL", ("remaining",)),
-        "no_ttl": gauge("keys_without_ttl", "Keys of ours with no TTL"),
-        "stalled": gauge("chords_stalled", "Chords complete but never published, past deadline"),
-        "oldest": gauge("oldest_key_without_ttl_seconds", "Age of the oldest TTL-less key"),
-        "bytes": gauge("key_bytes", "Sampled MEMORY USAGE per key"),
-        "db_keys": gauge("db_keys", "All keys in the database"),
-        "memory": gauge("used_memory_bytes", "The server's used_memory"),
-        "sweeps": counter("sweeps", "Sweeps run"),
-        "swept": counter("swept_keys", "Keys seen by sweeps, by class", ("class",)),
-        "ttl_set": counter("sweep_ttl_set", "TTLs set by sweeps"),
-        "unlinked": counter("sweep_unlinked", "Keys unlinked by sweeps"),
-        "chords": counter(
-            "sweep_chords", "Stalled chords handled by sweeps, by outcome", ("outcome",)
-        ),
-    }
-    _registered[id(registry)] = found
-    return found
+@signals.worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    while _stops:
+        _stops.pop().set()

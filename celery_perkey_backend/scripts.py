@@ -27,8 +27,10 @@ __all__ = [
     "CHORD_SIZE",
     "CHORD_STALLED",
     "CHORD_TAKE_OVER",
+    "EXPIRE_PERSISTENT",
     "LOCK_RELEASE",
     "LOCK_RENEW",
+    "METRICS_RECORD",
     "REGISTER",
     "STATS_BATCH",
     "STORE",
@@ -109,6 +111,8 @@ SWEEP_BATCH = Script.load("sweep_batch")
 STATS_BATCH = Script.load("stats_batch")
 LOCK_RELEASE = Script.load("lock_release")
 LOCK_RENEW = Script.load("lock_renew")
+EXPIRE_PERSISTENT = Script.load("expire_persistent")
+METRICS_RECORD = Script.load("metrics_record")
 
 #: Every script, so that a server missing one (a promoted replica, a flushed script
 #: cache) gets them all loaded at once.

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigurationError
-from .urls import CERT_REQS, to_redis_url
+from .urls import CERT_REQS, display_url, to_redis_url
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
@@ -57,6 +57,7 @@ PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "perkey_sweep_memory_samples": 100,
         "perkey_prometheus_port": None,
         "perkey_prometheus_textfile": None,
+        "perkey_prometheus_refresh": 15.0,
         "perkey_multiplex": "auto",
     }
 )
@@ -258,13 +259,15 @@ class Settings:
 
     Build it with :meth:`from_conf`; every field is final. Durations are seconds
     (``_s``) or milliseconds (``_ms``) as their names say; an expiry of ``None`` means
-    no TTL.
+    no TTL. ``url`` is the backend URL as the user wrote it (``perkey+rediss://…``),
+    the one every message names (masked); ``redis_url`` is what redis-py connects to.
     """
 
     url: str
     redis_url: str
     key_prefix: str
     legacy_prefix: str
+    legacy_group_prefix: str
     result_expires_s: float | None
     failure_expires_s: float | None
     chord_expires_s: float | None
@@ -287,6 +290,7 @@ class Settings:
     sweep_memory_samples: int
     prometheus_port: int | None
     prometheus_textfile: str | None
+    prometheus_refresh_s: float
     multiplex: bool | None
     socket_timeout_s: float | None
     connection_options: Mapping[str, Any] = field(default_factory=dict)
@@ -341,7 +345,8 @@ class Settings:
             value = conf.get(name)
             return PERKEY_DEFAULTS[name] if value is None else value
 
-        redis_url = to_redis_url(url)
+        shown = display_url(conf.get("result_backend"), url)
+        redis_url = to_redis_url(url, shown)
         transport = conf.get("result_backend_transport_options") or {}
         if not isinstance(transport, Mapping):
             raise _bad("result_backend_transport_options", transport, "a dict")
@@ -369,10 +374,11 @@ class Settings:
             )
         connection, socket_timeout = _connection_options(conf)
         return cls(
-            url=url or redis_url,
+            url=shown,
             redis_url=redis_url,
             key_prefix=key_prefix,
             legacy_prefix=global_prefix + "celery-task-meta-",
+            legacy_group_prefix=global_prefix + "celery-taskset-meta-",
             result_expires_s=expires,
             failure_expires_s=expires
             if failure is None
@@ -417,6 +423,9 @@ class Settings:
             if port is None
             else parse_count(port, "perkey_prometheus_port", 1),
             prometheus_textfile=None if textfile is None else str(textfile),
+            prometheus_refresh_s=max(
+                0.1, parse_duration(own("perkey_prometheus_refresh"), "perkey_prometheus_refresh")
+            ),
             multiplex=_auto_or_flag(own("perkey_multiplex"), "perkey_multiplex"),
             socket_timeout_s=socket_timeout,
             connection_options=MappingProxyType(connection),

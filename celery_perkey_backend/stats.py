@@ -1,11 +1,16 @@
 """Key metrics: what is in the keyspace.
 
 :func:`collect_stats` counts our keys by kind, histograms their remaining TTLs, finds
-keys with no TTL and the oldest of them, counts stalled chords (complete, body never
-published, claim past its deadline: the sweep repairs them), and weighs a sample with
-MEMORY USAGE. On a
-large keyspace it samples: it examines the first ``sample_limit`` keys SCAN returns
-(hash order, so close to random) and scales the counts up, and says so.
+keys with no TTL and the oldest of them, names keys of a type we never write, counts
+stalled chords (complete, body never published, claim past its deadline: the sweep
+repairs them), counts the keys Celery's ``redis://`` backend left (during a switch), and
+weighs a sample with MEMORY USAGE. On a large keyspace it samples: it examines the first
+``sample_limit`` keys SCAN returns (hash order, so close to random) and scales the counts
+up, and says so.
+
+Each key of ours is in exactly one of: a TTL bucket, ``no_ttl``, ``unexpected_type``.
+``no_ttl`` is what the sweep gives a TTL (its classes no_ttl, and too_old or leftover
+keys without one); keys of an unexpected type it never touches.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ from typing import Any
 
 from . import scripts
 from .keys import KIND_NAMES
+from .legacy import LegacyCounts, count_legacy
 from .store import ResultStore
 from .sweep import HasStore, key_batches, stalled_chords, store_of
 
-__all__ = ["TTL_BUCKETS", "KeyStats", "collect_stats"]
+__all__ = ["TTL_BUCKETS", "UNEXPECTED_LISTED", "KeyStats", "collect_stats"]
+
+#: How many names of keys of an unexpected type ``stats()`` lists (all are counted).
+UNEXPECTED_LISTED = 20
 
 #: Upper bounds (seconds) of the remaining-TTL histogram; the last bucket is open.
 TTL_BUCKETS: tuple[tuple[str, float], ...] = (
@@ -41,6 +50,9 @@ class KeyStats:
     no_ttl: int = 0
     oldest_no_ttl_age: float | None = None
     unexpected_type: int = 0
+    unexpected_keys: list[str] = field(default_factory=list)
+    legacy_keys: dict[str, int] = field(default_factory=dict)
+    legacy_without_ttl: dict[str, int] = field(default_factory=dict)
     chords_stalled: int = 0
     bytes_per_key: float | None = None
     our_keys: int = 0
@@ -84,11 +96,13 @@ def collect_stats(
     stats.used_memory = store.used_memory()
     now_ms = store.server_time_ms()
     stats.sampled = stats.db_keys > sample_limit
-    # When sampling, look at every key (no MATCH) so the share of ours is known.
-    pattern = "*" if stats.sampled else layout.match_all
-    for node, page in store.scan(pattern, 1000):
+    legacy = LegacyCounts()
+    # Every key (no MATCH), for ours and the legacy ones in one walk; when sampling, so
+    # that the share of ours is known too.
+    for node, page in store.scan("*", 1000):
         page = page[: max(0, sample_limit - stats.examined)]
         stats.examined += len(page)
+        count_legacy(store, node, page, legacy)
         ours = [k for k in page if k.startswith(layout.prefix)]
         batches = key_batches(store, ours)
         calls = [
@@ -100,13 +114,15 @@ def collect_stats(
         ]
         weigh = ours[: max(0, memory_samples - len(weights))]
         replies, sizes = store.run_scripts(node, scripts.STATS_BATCH, calls, "stats", weigh)
-        for seen, counts, no_ttl, oldest, unexpected in replies:
+        for part, (seen, counts, no_ttl, oldest, unexpected) in zip(batches, replies, strict=True):
             for pair in seen:
                 code, _, count = pair.decode().partition("=")
                 kinds[KIND_NAMES[code]] += int(count)
             buckets = [a + int(b) for a, b in zip(buckets, counts, strict=True)]
             stats.no_ttl += int(no_ttl)
-            stats.unexpected_type += int(unexpected)
+            stats.unexpected_type += len(unexpected)
+            room = UNEXPECTED_LISTED - len(stats.unexpected_keys)
+            stats.unexpected_keys += [ours[part.indexes[int(n) - 1]] for n in unexpected[:room]]
             if int(oldest) >= 0 and (oldest_ms < 0 or int(oldest) < oldest_ms):
                 oldest_ms = int(oldest)
         weights.extend(sizes)
@@ -120,6 +136,8 @@ def collect_stats(
     }
     stats.no_ttl = round(stats.no_ttl * scale)
     stats.unexpected_type = round(stats.unexpected_type * scale)
+    legacy = legacy.scaled(scale)
+    stats.legacy_keys, stats.legacy_without_ttl = legacy.keys, legacy.without_ttl
     stats.chords_stalled = round(stats.chords_stalled * scale)
     stats.our_keys = sum(stats.by_kind.values())
     stats.oldest_no_ttl_age = max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms >= 0 else None

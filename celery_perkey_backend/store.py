@@ -8,7 +8,7 @@ backend all work through its public methods.
 
 An optional *fallback* is a read-only string key per task that every read also looks
 at, in the same round trip: results that Celery's ``redis://`` backend wrote, read
-during a switch.
+during a switch (see :mod:`.legacy`). A *group fallback* does the same for saved groups.
 
 Waiters of many tasks share one *inbox* per process: a waiter registers the inbox in
 the task's ``watchers`` set and reads the task's state in the same script, and the store
@@ -162,13 +162,23 @@ class ResultStore:
         The backend's settings: the server, the key prefix, retries, replicas.
     fallback:
         The name of a task's fallback key, or ``None`` for none.
+    group_fallback:
+        The name of a saved group's fallback key, or ``None`` for none.
     """
 
-    def __init__(self, settings: Settings, fallback: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        fallback: Callable[[str], str] | None = None,
+        group_fallback: Callable[[str], str] | None = None,
+    ) -> None:
         self.settings = settings
-        self.layout = KeyLayout(settings.key_prefix, settings.legacy_prefix)
+        self.layout = KeyLayout(
+            settings.key_prefix, settings.legacy_prefix, settings.legacy_group_prefix
+        )
         self.policy = RetryPolicy(settings.retry)
         self.fallback = fallback
+        self.group_fallback = group_fallback
         self._client: redis.Redis | None = None
         self._blmove = True
 
@@ -185,7 +195,7 @@ class ResultStore:
 
     def errors(self, where: str, key: str | None = None) -> Any:
         """A context that turns redis-py errors into this package's, naming ``where``."""
-        return redis_errors(where, self.settings.redis_url, key)
+        return redis_errors(where, self.settings.url, key)
 
     # -- running commands -------------------------------------------------------------
 
@@ -940,7 +950,7 @@ class ResultStore:
             return str(kwargs["path"])
         if kwargs.get("host"):
             return f"{kwargs['host']}:{kwargs.get('port', 6379)}"
-        return mask_url(self.settings.redis_url)
+        return mask_url(self.settings.url)
 
     def server_info(self, node: redis.Redis, section: str) -> dict[str, Any]:
         """``INFO section`` of one server (see :meth:`primaries`), parsed."""
@@ -1015,6 +1025,99 @@ class ResultStore:
             page = int(cursor), [_text(k) for k in keys]
         return replies[: len(calls)], page
 
+    # -- the switch from redis:// (saved groups, legacy keys; see legacy.py) ---------
+
+    def read_group(self, group_id: str) -> bytes | None:
+        """A saved group's value: ours, else the group fallback key's; one round trip."""
+        ours = self.layout.group(group_id)
+        other = self.group_fallback(group_id) if self.group_fallback is not None else None
+
+        def build(pipe: Any) -> None:
+            pipe.get(ours)
+            if other is not None:
+                pipe.get(other)
+
+        replies = self._pipeline(build, f"restore group {group_id!r}", ours)
+        value = replies[0] if replies[0] is not None else (replies[1] if other else None)
+        return cast("bytes | None", value)
+
+    def forget_group(self, group_id: str) -> None:
+        """Delete a saved group, its group fallback key included."""
+        doomed = [self.layout.group(group_id)]
+        if self.group_fallback is not None:
+            doomed.append(self.group_fallback(group_id))
+
+        def build(pipe: Any) -> None:
+            for key in doomed:  # one by one: the fallback key lives in another slot
+                pipe.delete(key)
+
+        self._pipeline(build, f"delete group {group_id!r}", doomed[0])
+
+    def peek(
+        self, node: redis.Redis, names: Sequence[str], values: bool = False
+    ) -> list[tuple[int, bytes | None]]:
+        """Each key's remaining TTL in ms (-1: none, -2: gone) and, with ``values``, its
+        string value, from ``node`` in one round trip."""
+
+        def build(pipe: Any) -> None:
+            for key in names:
+                pipe.pttl(key)
+                if values:
+                    pipe.get(key)
+
+        replies = self._pipeline(build, "read keys", None, raise_on_error=False, on=node)
+        step = 2 if values else 1
+        found = []
+        for i in range(len(names)):
+            value = replies[i * step + 1] if values else None
+            found.append((int(replies[i * step]), value if isinstance(value, bytes) else None))
+        return found
+
+    def give_ttl(self, node: redis.Redis, names: Sequence[str], ttl_ms: int) -> int:
+        """Give each of ``names`` that has no TTL this one, atomically per key, on ``node``
+        in one round trip. How many got one."""
+        calls = [scripts.EXPIRE_PERSISTENT.bind({"key": key}, {"ttl_ms": ttl_ms}) for key in names]
+        replies, _ = self.run_scripts(node, scripts.EXPIRE_PERSISTENT, calls, "give keys a TTL")
+        return sum(int(reply) for reply in replies)
+
+    # -- metrics kept in Redis, for Prometheus (see prometheus.py) -------------------
+
+    def record_metrics(
+        self, changes: Sequence[tuple[str, str, int | str]], stats: bytes = b"", stats_ms: int = 0
+    ) -> None:
+        """Apply ``changes`` to the metrics hash in one atomic step: ``("+", field, n)``
+        adds to a counter, ``("=", field, value)`` sets a field. ``stats`` (measured at
+        server time ``stats_ms``) replaces the stored key metrics unless those are newer.
+        """
+        flat: list[Any] = [part for change in changes for part in change]
+        keys, args = scripts.METRICS_RECORD.bind(
+            {"metrics": self.layout.metrics},
+            {"stats_ms": stats_ms, "stats": stats, "changes": flat},
+        )
+        with self.errors("record metrics", self.layout.metrics):
+            self._eval(scripts.METRICS_RECORD, keys, args)
+
+    def read_metrics(self) -> dict[str, bytes]:
+        """Every field of the metrics hash."""
+        with self.errors("read metrics", self.layout.metrics):
+            fields = self.client.hgetall(self.layout.metrics)
+        return {_text(name): value for name, value in cast("dict[bytes, bytes]", fields).items()}
+
+    def server_clients(self) -> list[tuple[str, dict[str, int]]]:
+        """Each primary's address and client counts (``INFO clients``), read now."""
+        found = []
+        with self.errors("read client counts"):
+            for node in primaries(self.client):
+                # A Sentinel's master moves: it is named by its name.
+                name = getattr(node.connection_pool, "service_name", None) or self.node_name(node)
+                info = node.info("clients")
+                found.append((str(name), {k: int(v) for k, v in info.items() if _whole(v)}))
+        return found
+
 
 def _text(key: bytes | str) -> str:
     return key if isinstance(key, str) else key.decode("utf-8", "surrogateescape")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -62,3 +62,21 @@ def test_the_whole_backend_runs_as_the_restricted_user(acl_app: Any, r: redis.Re
 
 def test_the_readme_documents_the_same_rules() -> None:
     assert acl_rules(KeyLayout("celery-perkey:")) in README.read_text()
+
+
+def test_metrics_and_the_migration_check_run_as_the_restricted_user(
+    acl_app: Any, make_app: Any, r: redis.Redis, tmp_path: Path
+) -> None:
+    from celery_perkey_backend.legacy import survey
+    from celery_perkey_backend.prometheus import render
+
+    exporting = make_app(
+        backend=acl_app.conf.result_backend, perkey_prometheus_textfile=str(tmp_path / "m.prom")
+    )
+    exporting.backend.store_result("t1", 1, states.SUCCESS)
+    assert exporting.backend.run_sweep().scanned == 1
+    assert b"perkey_sweeps_total 1.0" in render(exporting.backend.store)
+    r.set("celery-task-meta-old", exporting.backend.encode({"status": "SUCCESS", "result": 1}))
+    r.set("celery-taskset-meta-g", exporting.backend.encode({"result": [["g", None], []]}))
+    assert survey(exporting.backend.store, exporting.backend.decode_record).in_flight == 2
+    assert exporting.GroupResult.restore("g") is not None

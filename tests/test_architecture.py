@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"connection"},
     {"store"},
     {"multiplex"},
-    {"waiting", "chords", "sweep", "tasks"},
+    {"waiting", "chords", "sweep", "tasks", "legacy"},
     {"stats"},
     {"prometheus", "doctor"},
     {"backend", "cli"},

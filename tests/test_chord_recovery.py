@@ -18,15 +18,16 @@ import redis
 from celery import chain, chord, group, states
 from celery.app.task import Context
 from celery.exceptions import ChordError
-from prometheus_client import CollectorRegistry
 
 from celery_perkey_backend import ConfigurationError
 from celery_perkey_backend.chords import body_task_ids
-from celery_perkey_backend.prometheus import export_prometheus
+from celery_perkey_backend.prometheus import render, sweep_and_publish
 from celery_perkey_backend.sweep import sweep
+from celery_perkey_backend.testing import free_port
 
 from .conftest import running_worker
 from .test_cli import run
+from .test_prometheus import value
 
 CLAIM_TTL = "300ms"
 
@@ -321,7 +322,7 @@ def test_a_chords_only_sweep_leaves_other_keys_alone(make_app: Any, r: redis.Red
     assert app.backend.run_sweep().by_class["no_ttl"] == 2
 
 
-def test_the_store_level_sweep_only_counts_stalled_chords(chords: Chords) -> None:
+def test_the_store_level_sweep_only_counts_stalled_chords(chords: Chords, make_app: Any) -> None:
     gid, body = chords.start()
     for index in range(3):
         chords.store(gid, body, index)
@@ -329,12 +330,12 @@ def test_the_store_level_sweep_only_counts_stalled_chords(chords: Chords) -> Non
     summary = sweep(chords.backend.store, chords_only=True)  # no repair hook
     assert (summary.chords_stalled, summary.chords_repaired) == (1, 0)
     assert chords.claim(gid) != b"done"
-    registry = CollectorRegistry()
-    repaired = chords.backend.run_sweep(chords_only=True)
-    export_prometheus(chords.backend.stats(), repaired, registry=registry)
-    value = registry.get_sample_value
-    assert value("perkey_sweep_chords_total", {"outcome": "repaired"}) == 1
-    assert value("perkey_chords_stalled") == 0
+    # The same sweep through a backend that exports to Prometheus: counted in Redis.
+    exporting = make_app(perkey_prometheus_port=free_port()).backend.store
+    sweep_and_publish(exporting, repair=chords.backend.chords.repair, chords_only=True)
+    shown = render(exporting).decode()
+    assert value(shown, "perkey_sweep_chords_total", outcome="repaired") == 1
+    assert value(shown, "perkey_chords_stalled") == 0
 
 
 def test_body_task_ids(app: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,30 @@ def test_sweep_delete_with_max_age(app: Any, r: redis.Redis) -> None:
 def test_bad_max_age_is_a_usage_error(app: Any, r: redis.Redis) -> None:
     done = run(app, "sweep", "--max-age", "soon")
     assert done.exit_code == 2
-    assert "--max-age" in done.stderr
+    assert "Invalid value for '--max-age': 'soon' is not a duration" in done.stderr
+    assert done.stderr.count("max-age") == 1
+
+
+def test_stats_and_sweep_agree_on_keys_without_a_ttl(make_app: Any, r: redis.Redis) -> None:
+    app = make_app()
+    app.conf.result_expires = None
+    for i in range(5):
+        app.backend.store_result(f"t{i}", i, states.SUCCESS)
+    for i in range(25):  # keys under our prefix of a type we never write
+        r.set(app.backend.layout.result(f"odd{i:02}"), "a string")
+    table = run(app, "stats").stdout
+    assert "without ttl (the sweep fixes these)  5" in table
+    assert "unexpected type (never touched)      25" in table
+    assert "odd" not in table
+    assert re.search(r"used memory\s+\d+\.\d (KiB|MiB|GiB)", table)
+    verbose = run(app, "stats", "--verbose").stdout
+    listed = [line.strip() for line in verbose.splitlines() if "odd" in line]
+    assert len(listed) == 20
+    assert "keys of an unexpected type (first 20):" in verbose
+    swept = json.loads(run(app, "sweep", "--json").stdout)
+    assert swept["ttl_set"] == 5
+    assert swept["by_class"]["unexpected"] == 25
+    assert json.loads(run(app, "stats", "--json").stdout)["no_ttl"] == 0
 
 
 def test_sweep_skipped_by_the_lock_exits_5(app: Any, r: redis.Redis) -> None:
@@ -137,3 +161,16 @@ def test_an_app_without_perkey_exits_4(make_app: Any, server: Any) -> None:
     done = run(app, "stats")
     assert done.exit_code == 4
     assert "not perkey" in done.stderr
+
+
+def test_metrics_prints_or_writes_what_a_scrape_sees(
+    app: Any, r: redis.Redis, tmp_path: Path
+) -> None:
+    app.backend.store_result("t1", 1, states.SUCCESS)
+    printed = run(app, "metrics")
+    assert printed.exit_code == 0, printed.output
+    assert "perkey_up 1.0" in printed.stdout
+    assert "perkey_sweeps_total 0.0" in printed.stdout
+    target = tmp_path / "perkey.prom"
+    assert run(app, "metrics", "--textfile", str(target)).exit_code == 0
+    assert "perkey_up 1.0" in target.read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -246,6 +247,11 @@ def test_sentinel_failover(make_app: Any) -> None:
         waiter.join(60)
         assert outcome == ["after the failover"]
         assert app.AsyncResult("before").get(timeout=5) == "kept"
+        # The master's client counts are labelled by its name: its address moves.
+        from celery_perkey_backend.prometheus import render
+
+        shown = render(app.backend.store).decode()
+        assert f'perkey_server_maxclients{{server="{sentinels.master_name}"}}' in shown
 
 
 def test_min_replicas_refuses_an_unreplicated_store(make_app: Any) -> None:
@@ -268,3 +274,36 @@ def test_a_braced_prefix_is_refused_on_a_cluster(make_app: Any, cluster: LocalCl
     app = make_app(backend=cluster.url, perkey_key_prefix="{app}:")
     with pytest.raises(ConfigurationError, match="brace"):
         _ = app.backend
+
+
+def test_keys_of_redis_are_read_and_counted_on_a_cluster(capp: Any, cluster: LocalCluster) -> None:
+    """The fallback keys live in other slots than ours: reads and counts span nodes."""
+    from .test_cli import run
+
+    backend = capp.backend
+    ids = [f"old{i}" for i in range(12)]
+    for i, task_id in enumerate(ids):
+        meta = {"status": states.SUCCESS, "result": i, "traceback": None, "children": []}
+        backend.client.set(f"celery-task-meta-{task_id}", backend.encode(meta), ex=600)
+    saved = capp.GroupResult("old-group", [capp.AsyncResult(t) for t in ids])
+    backend.client.set(
+        "celery-taskset-meta-old-group", backend.encode({"result": saved.as_tuple()})
+    )
+    assert len(_on_every_primary(cluster, [f"celery-task-meta-{t}" for t in ids])) == 3
+    restored = capp.GroupResult.restore("old-group")
+    assert restored.get(timeout=5) == list(range(12))
+    stats = backend.stats()
+    assert stats.legacy_keys == {"task": 12, "group": 1, "chord": 0}
+    assert stats.legacy_without_ttl == {"task": 0, "group": 1, "chord": 0}
+    report = json.loads(run(capp, "migrate", "--expire-legacy", "1h", "--json").stdout)
+    assert (report["results"], report["groups"], report["ttl_given"]) == (12, 1, 1)
+    assert report["results_not_ready"] == 0
+    restored.delete()
+    assert not backend.client.exists("celery-taskset-meta-old-group")
+    # Prometheus shows each primary's clients, and the counts kept in the metrics hash.
+    from celery_perkey_backend.prometheus import render
+
+    backend.store.record_metrics([("+", "sweeps", 2)])
+    shown = render(backend.store).decode()
+    assert shown.count("perkey_server_maxclients{") == 3
+    assert "perkey_sweeps_total 2.0" in shown

@@ -178,3 +178,46 @@ def test_passwords_stay_out_of_logs(make_app: Any, caplog: pytest.LogCaptureFixt
     assert caplog.records, "the retries should have been logged"
     assert "hunter2" not in caplog.text
     assert "hunter2" not in repr(info.value) + str(info.value)
+
+
+def test_messages_name_the_url_as_configured(make_app: Any, server: EmbeddedServer) -> None:
+    """Celery strips ``perkey+`` before handing the URL over; what we show does not."""
+    served = make_app(backend=f"perkey+redis://:hunter2@127.0.0.1:{server.port}/0")
+    assert repr(served.backend) == f"<PerkeyBackend: perkey+redis://:**@127.0.0.1:{server.port}/0>"
+    assert served.backend.as_uri(include_password=True).startswith("perkey+redis://:hunter2@")
+    port = free_port()
+    away = make_app(
+        backend=f"perkey+unix:///nonexistent/{port}.sock?password=hunter2",
+        result_backend_transport_options={"retry_policy": {"max_retries": 0}},
+    )
+    with pytest.raises(BackendUnavailableError) as info:
+        away.AsyncResult("t1").state  # noqa: B018
+    assert "perkey+unix:///nonexistent/" in str(info.value)
+    assert "hunter2" not in str(info.value)
+    tcp = make_app(
+        backend=f"perkey+redis://:hunter2@127.0.0.1:{port}/0",
+        result_backend_transport_options={"retry_policy": {"max_retries": 0}},
+    )
+    with pytest.raises(BackendUnavailableError) as info:
+        tcp.backend.store_result("t1", 1, states.SUCCESS)
+    assert f"perkey+redis://:**@127.0.0.1:{port}/0" in str(info.value)
+
+
+def test_a_misspelt_scheme_is_echoed_as_typed(make_app: Any) -> None:
+    app = make_app(backend="perkey+redi://:hunter2@127.0.0.1:1/0")
+    with pytest.raises(ConfigurationError) as info:
+        app.backend  # noqa: B018
+    message = str(info.value)
+    assert "'perkey+redi://:**@127.0.0.1:1/0'" in message
+    assert "unsupported scheme 'perkey+redi'" in message
+    for scheme in ("perkey://", "perkey+rediss://", "perkey+cluster://", "perkey+sentinel://"):
+        assert scheme in message
+    assert "hunter2" not in message
+
+
+def test_a_backend_built_by_hand_shows_the_perkey_form() -> None:
+    app = Celery("by-hand", set_as_current=False)
+    assert repr(PerkeyBackend(app=app, url="rediss://:pw@h:6380/0")) == (
+        "<PerkeyBackend: perkey+rediss://:**@h:6380/0>"
+    )
+    assert PerkeyBackend(app=app).as_uri() == "perkey://localhost:6379/0"

@@ -27,6 +27,15 @@ if os.environ.get("PERKEY_TEST_ACKS_LATE"):
     app.conf.broker_transport_options = {"visibility_timeout": 2}
 if os.environ.get("PERKEY_TEST_READ_ONCE"):
     app.conf.perkey_read_once = True
+if "PERKEY_TEST_RESULT_EXPIRES" in os.environ:
+    app.conf.result_expires = float(os.environ["PERKEY_TEST_RESULT_EXPIRES"]) or None
+if os.environ.get("PERKEY_TEST_LEGACY_FALLBACK"):
+    app.conf.perkey_legacy_fallback = os.environ["PERKEY_TEST_LEGACY_FALLBACK"]
+if os.environ.get("PERKEY_TEST_PROMETHEUS_PORT"):
+    app.conf.perkey_prometheus_port = int(os.environ["PERKEY_TEST_PROMETHEUS_PORT"])
+if os.environ.get("PERKEY_TEST_PROMETHEUS_TEXTFILE"):
+    app.conf.perkey_prometheus_textfile = os.environ["PERKEY_TEST_PROMETHEUS_TEXTFILE"]
+    app.conf.perkey_prometheus_refresh = 0.3
 
 if os.environ.get("PERKEY_TEST_SWEEP_EVERY"):
     # The README's one beat entry for the sweep task.

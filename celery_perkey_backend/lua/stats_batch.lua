@@ -11,21 +11,27 @@
 -- bounds  the TTL bucket bounds in ms, ascending
 --
 -- Returns {"code=count" pairs of the kinds seen, bucket counts (one past the last
--- bound), TTL-less keys, oldest TTL-less write in ms or -1, keys of unexpected type}.
+-- bound), TTL-less keys, oldest TTL-less write in ms or -1, the positions (1-based) of
+-- the keys of an unexpected type}. A key of an unexpected type is in no other figure but
+-- its kind's count: the sweep never touches it, so it is not among the TTL-less keys.
 local count, kinds = tonumber(ARGV[1]), ARGV[2]
 local bounds = {}
 for i = 3, #ARGV do bounds[#bounds + 1] = tonumber(ARGV[i]) end
 local seen, buckets = {}, {}
 for b = 1, #bounds + 1 do buckets[b] = 0 end
-local no_ttl, oldest, unexpected = 0, -1, 0
+local no_ttl, oldest, unexpected = 0, -1, {}
 for n = 1, count do
   local key = KEYS[n]
   local code = string.sub(kinds, n, n)
   local kind = redis.call('TYPE', key)['ok']
   if kind ~= 'none' and code ~= '-' then
     seen[code] = (seen[code] or 0) + 1
-    if not (expected[code] and expected[code][kind]) then unexpected = unexpected + 1 end
-    local pttl = redis.call('PTTL', key)
+    local pttl = -2
+    if expected[code] and expected[code][kind] then
+      pttl = redis.call('PTTL', key)
+    else
+      unexpected[#unexpected + 1] = n
+    end
     if pttl == -1 then
       no_ttl = no_ttl + 1
       local written = stamp(key, kind, code)
