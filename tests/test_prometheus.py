@@ -194,7 +194,8 @@ def test_the_alert_rules_use_only_metrics_the_exporter_writes(
         rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
     ]
     assert {"PerkeyKeysWithoutTTL", "PerkeySweepFailing", "PerkeySweepNotRunning",
-            "PerkeyBlockedClientsNearMaxclients"} <= {rule["alert"] for rule in rules}  # fmt: skip
+            "PerkeyBlockedClientsNearMaxclients", "PerkeyChordsRepaired",
+            "PerkeyChordsFailed"} <= {rule["alert"] for rule in rules}  # fmt: skip
     for rule in rules:
         used = _metric_names(rule["expr"])
         assert used, rule["alert"]
