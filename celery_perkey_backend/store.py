@@ -367,12 +367,17 @@ class ResultStore:
         ]
         if self.fallback is not None:
             doomed.append(self.fallback(task_id))
+        self._delete_each(doomed, f"forget task {quote_id(task_id)}")
+
+    def _delete_each(self, doomed: list[str], what: str) -> None:
+        """Delete ``doomed`` in one pipeline, key by key: a fallback key lives in
+        another slot than ours, so one multi-key DEL would fail on a cluster."""
 
         def build(pipe: Any) -> None:
-            for key in doomed:  # one by one: the fallback key lives in another slot
+            for key in doomed:
                 pipe.delete(key)
 
-        self._pipeline(build, f"forget task {quote_id(task_id)}", doomed[0])
+        self._pipeline(build, what, doomed[0])
 
     # -- reading ----------------------------------------------------------------------
 
@@ -1046,12 +1051,7 @@ class ResultStore:
         doomed = [self.layout.group(group_id)]
         if self.group_fallback is not None:
             doomed.append(self.group_fallback(group_id))
-
-        def build(pipe: Any) -> None:
-            for key in doomed:  # one by one: the fallback key lives in another slot
-                pipe.delete(key)
-
-        self._pipeline(build, f"delete group {group_id!r}", doomed[0])
+        self._delete_each(doomed, f"delete group {group_id!r}")
 
     def peek(
         self, node: redis.Redis, names: Sequence[str], values: bool = False

@@ -14,8 +14,12 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.bin.base import CLIContext
 from celery.contrib.testing.worker import start_worker
+from click.testing import CliRunner, Result
+from prometheus_client.parser import text_string_to_metric_families
 
+from celery_perkey_backend.cli import perkey
 from celery_perkey_backend.testing import EmbeddedServer
 
 #: The plugin users load (``perkey_server``, ``perkey_url``, and Celery's own fixtures),
@@ -104,6 +108,36 @@ def stop_process(proc: subprocess.Popen[Any]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def run_cli(app: Any, *args: str) -> Result:
+    """The command as ``celery -A app perkey …`` runs it, in this process."""
+    context = CLIContext(app=app, no_color=True, workdir=None)
+    return CliRunner().invoke(perkey, list(args), obj=context, catch_exceptions=False)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition, by name and labels."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    """One sample of a Prometheus text exposition; None if it is not there."""
+    return samples(text).get((name, tuple(sorted(labels.items()))))
+
+
+#: A script for ``python -c``: read one result (``argv[2]``) from a backend URL
+#: (``argv[1]``) in a process of its own, and print its repr.
+READER = """
+import sys
+from celery import Celery
+app = Celery("reader", backend=sys.argv[1])
+print(repr(app.AsyncResult(sys.argv[2]).get(timeout=15)))
+"""
 
 
 def command_calls(r: redis.Redis) -> Counter[str]:

@@ -73,6 +73,22 @@ class Crash:
         wait_until(lambda: self.side.get("killed") == kill.encode(), f"the kill at {kill}", WAIT_S)
         self.side.delete("killed")
 
+    def whole_worker_dies(self, tag: str, step: str, claim_ttl: str) -> Any:
+        """Send a chord to a new worker that is SIGKILLed whole at ``step``; return it
+        once the worker is gone."""
+        kill = f"{step}:worker"
+        first = self.worker(claim_ttl=claim_ttl)
+        result = self.chord(tag, kill)
+        self.killed(kill)
+        first.wait(WAIT_S)
+        return result
+
+    def restart(self, claim_ttl: str) -> None:
+        """Start a worker once the dead one's header task is redeliverable, so that the
+        new worker is handed it first."""
+        wait_until(self.redeliverable, "the header task to be redeliverable", WAIT_S)
+        self.worker(claim_ttl=claim_ttl)
+
     def runs(self, tag: str) -> int:
         return int(self.side.get(f"body-runs:{tag}") or 0)
 
@@ -139,14 +155,9 @@ def test_a_pool_child_killed_before_the_body_is_sent(crash: Crash) -> None:
 def test_a_worker_killed_and_restarted_runs_the_body_once(crash: Crash, step: str) -> None:
     """The redelivered header task claims the body (before_claim), takes over a claim
     past its deadline (after_claim), or finds the chord done (after_done)."""
-    kill = f"{step}:worker"
-    first = crash.worker(claim_ttl="1s")
-    result = crash.chord(step, kill)
-    crash.killed(kill)
-    first.wait(WAIT_S)
+    result = crash.whole_worker_dies(step, step, claim_ttl="1s")
     # The redelivery comes after the visibility timeout (2 s), past the 1 s claim.
-    wait_until(crash.redeliverable, "the header task to be redeliverable", WAIT_S)
-    crash.worker(claim_ttl="1s")
+    crash.restart(claim_ttl="1s")
     assert result.get(timeout=WAIT_S) == 3
     wait_until(crash.quiet, "the redelivered header task acknowledged", WAIT_S)
     assert crash.runs(step) == 1
@@ -160,13 +171,8 @@ def test_a_worker_killed_after_publishing_and_restarted_within_the_claim(crash: 
     body runs from the queue; the sweep, past the deadline, finds the body's result
     and records the chord done instead of publishing it again.
     """
-    kill = "after_publish:worker"
-    first = crash.worker(claim_ttl="12s")
-    result = crash.chord("published", kill)
-    crash.killed(kill)
-    first.wait(WAIT_S)
-    wait_until(crash.redeliverable, "the header task to be redeliverable", WAIT_S)
-    crash.worker(claim_ttl="12s")
+    result = crash.whole_worker_dies("published", "after_publish", claim_ttl="12s")
+    crash.restart(claim_ttl="12s")
     assert result.get(timeout=WAIT_S) == 3
     wait_until(crash.quiet, "the redelivered header task acknowledged", WAIT_S)
     assert crash.runs("published") == 1
@@ -181,17 +187,12 @@ def test_the_duplicate_window(crash: Crash) -> None:
     """The README's window: the publisher died between the broker taking the body and
     the backend recording it, and the body had not run when the takeover looked. The
     body is published again (at least once), so it runs twice."""
-    kill = "after_publish:worker"
-    first = crash.worker(claim_ttl="1s")
-    result = crash.chord("window", kill)
-    crash.killed(kill)
-    first.wait(WAIT_S)
+    result = crash.whole_worker_dies("window", "after_publish", claim_ttl="1s")
     # No worker runs the queued body before the sweep looks.
     summary = crash.sweep()
     assert (summary.chords_repaired, summary.chords_settled) == (1, 0)
     assert crash.claim(result) == b"done"
-    wait_until(crash.redeliverable, "the header task to be redeliverable", WAIT_S)
-    crash.worker(claim_ttl="1s")
+    crash.restart(claim_ttl="1s")
     assert result.get(timeout=WAIT_S) == 3
     wait_until(lambda: crash.runs("window") == 2 and crash.quiet(), "both bodies to run", WAIT_S)
     assert crash.runs("window") == 2

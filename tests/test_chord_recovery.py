@@ -25,9 +25,7 @@ from celery_perkey_backend.prometheus import render, sweep_and_publish
 from celery_perkey_backend.sweep import sweep
 from celery_perkey_backend.testing import free_port
 
-from .conftest import running_worker
-from .test_cli import run
-from .test_prometheus import value
+from .conftest import run_cli, running_worker, value
 
 CLAIM_TTL = "300ms"
 
@@ -298,13 +296,13 @@ def test_a_dry_run_lists_stalled_chords_and_changes_nothing(chords: Chords) -> N
     assert ("repair", claim_key) in planned.planned
     assert "chords stalled=1 in" in planned.line()
     assert chords.claim(gid) == before
-    dry = run(chords.app, "sweep", "--dry-run", "--chords-only")
+    dry = run_cli(chords.app, "sweep", "--dry-run", "--chords-only")
     assert dry.exit_code == 0, dry.output
     assert f"would repair the chord of {claim_key}" in dry.stdout
     assert "chords stalled=1" in dry.stdout
-    assert "chords stalled" in run(chords.app, "stats").stdout
-    assert json.loads(run(chords.app, "stats", "--json").stdout)["chords_stalled"] == 1
-    done = run(chords.app, "sweep", "--chords-only")
+    assert "chords stalled" in run_cli(chords.app, "stats").stdout
+    assert json.loads(run_cli(chords.app, "stats", "--json").stdout)["chords_stalled"] == 1
+    done = run_cli(chords.app, "sweep", "--chords-only")
     assert done.exit_code == 0, done.output
     assert "repaired=1 settled=0 failed=0" in done.stdout
     assert chords.result(body) == 6

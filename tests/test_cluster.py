@@ -16,7 +16,7 @@ from redis.crc import key_slot
 from celery_perkey_backend import BackendUnavailableError
 from celery_perkey_backend.testing import LocalCluster, LocalSentinel
 
-from .conftest import running_worker, wait_for_blocked_clients, wait_until
+from .conftest import run_cli, running_worker, wait_for_blocked_clients, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +278,6 @@ def test_a_braced_prefix_is_refused_on_a_cluster(make_app: Any, cluster: LocalCl
 
 def test_keys_of_redis_are_read_and_counted_on_a_cluster(capp: Any, cluster: LocalCluster) -> None:
     """The fallback keys live in other slots than ours: reads and counts span nodes."""
-    from .test_cli import run
-
     backend = capp.backend
     ids = [f"old{i}" for i in range(12)]
     for i, task_id in enumerate(ids):
@@ -295,7 +293,7 @@ def test_keys_of_redis_are_read_and_counted_on_a_cluster(capp: Any, cluster: Loc
     stats = backend.stats()
     assert stats.legacy_keys == {"task": 12, "group": 1, "chord": 0}
     assert stats.legacy_without_ttl == {"task": 0, "group": 1, "chord": 0}
-    report = json.loads(run(capp, "migrate", "--expire-legacy", "1h", "--json").stdout)
+    report = json.loads(run_cli(capp, "migrate", "--expire-legacy", "1h", "--json").stdout)
     assert (report["results"], report["groups"], report["ttl_given"]) == (12, 1, 1)
     assert report["results_not_ready"] == 0
     restored.delete()

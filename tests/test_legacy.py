@@ -13,6 +13,8 @@ from celery import states
 
 from celery_perkey_backend import CorruptResultError, StoreCommandError
 
+from .conftest import run_cli
+
 
 @pytest.fixture
 def old_app(make_app: Any, server: Any) -> Any:
@@ -146,10 +148,8 @@ def test_stats_count_the_keys_redis_left(old_app: Any, make_app: Any, r: redis.R
 def test_migrate_check_says_when_the_switch_is_done(
     old_app: Any, make_app: Any, r: redis.Redis
 ) -> None:
-    from .test_cli import run
-
     app = make_app()
-    done = run(app, "migrate", "--check")
+    done = run_cli(app, "migrate", "--check")
     assert done.exit_code == 0, done.output
     assert "done:" in done.stdout
     forever = make_app(backend=old_app.conf.result_backend, result_expires=None)
@@ -158,12 +158,12 @@ def test_migrate_check_says_when_the_switch_is_done(
     forever.backend.save_group("g1", app.GroupResult("g1", [app.AsyncResult("ready")]))
     r.set("celery-task-meta-garbage", b"\x00not a meta", ex=60)
     r.set("celery-taskset-meta-g1.s", 3, ex=60)  # a chord redis:// counts: never read
-    waiting = run(app, "migrate", "--check")
+    waiting = run_cli(app, "migrate", "--check")
     assert waiting.exit_code == 7, waiting.output
     assert "in flight: 4 key(s) of redis:// left" in waiting.stdout
     assert "1 task(s) still running" in waiting.stdout
     assert "3 never expire" in waiting.stdout
-    report = json.loads(run(app, "migrate", "--json").stdout)
+    report = json.loads(run_cli(app, "migrate", "--json").stdout)
     assert report["results"] == 3
     assert report["results_not_ready"] == 1
     assert report["results_unreadable"] == 1
@@ -174,16 +174,16 @@ def test_migrate_check_says_when_the_switch_is_done(
     assert report["in_flight"] == 4
     assert 0 < report["last_expiry_s"] <= 60
     # The fallback being off does not hide them: they are what it would have read.
-    off = run(make_app(perkey_legacy_fallback=False), "migrate", "--check")
+    off = run_cli(make_app(perkey_legacy_fallback=False), "migrate", "--check")
     assert off.exit_code == 7
     assert "read as PENDING" in off.stdout
     # TTL-less keys get one; keys with a TTL keep theirs. Then they expire, for real.
-    given = json.loads(run(app, "migrate", "--expire-legacy", "1s", "--json").stdout)
+    given = json.loads(run_cli(app, "migrate", "--expire-legacy", "1s", "--json").stdout)
     assert given["ttl_given"] == 3
     assert r.ttl("celery-task-meta-garbage") > 1
     r.delete("celery-task-meta-garbage", "celery-taskset-meta-g1.s")
     deadline = time.monotonic() + 30
-    while (last := run(app, "migrate", "--check")).exit_code != 0:
+    while (last := run_cli(app, "migrate", "--check")).exit_code != 0:
         assert last.exit_code == 7, last.output
         assert time.monotonic() < deadline, last.stdout
         time.sleep(0.2)
@@ -191,9 +191,7 @@ def test_migrate_check_says_when_the_switch_is_done(
 
 
 def test_migrate_refuses_a_bad_duration_naming_the_option_once(app: Any, r: redis.Redis) -> None:
-    from .test_cli import run
-
-    done = run(app, "migrate", "--expire-legacy", "banana")
+    done = run_cli(app, "migrate", "--expire-legacy", "banana")
     assert done.exit_code == 2
     assert "'banana' is not a duration" in done.stderr
     assert done.stderr.count("--expire-legacy") == 1

@@ -14,7 +14,7 @@ from celery_perkey_backend.prometheus import render, serve
 from celery_perkey_backend.stats import collect_stats
 from celery_perkey_backend.testing import free_port
 
-from .test_prometheus import samples, value
+from .conftest import samples, value
 
 
 def _fill(make_app: Any, r: redis.Redis) -> Any:

@@ -18,9 +18,8 @@ import redis
 from celery import chord, group, states
 from celery.exceptions import TimeoutError
 
-from .conftest import running_worker, wait_until
+from .conftest import run_cli, running_worker, wait_until
 from .processes import celery_worker, stop
-from .test_cli import run
 
 
 @pytest.fixture(autouse=True)
@@ -165,13 +164,13 @@ def test_the_checklist_with_real_workers_loses_no_result(
         assert r.get(f"celery-task-meta-{slow.id}") is not None  # the old worker's
 
         # 3. Until the keys redis:// wrote are gone, the switch is not done.
-        stats = json.loads(run(client, "stats", "--json").stdout)
+        stats = json.loads(run_cli(client, "stats", "--json").stdout)
         assert stats["legacy_keys"]["task"] > 0
         assert stats["legacy_keys"]["group"] == 1
-        check = run(client, "migrate", "--check")
+        check = run_cli(client, "migrate", "--check")
         assert check.exit_code == 7, check.output
         wait_until(
-            lambda: run(client, "migrate", "--check").exit_code == 0,
+            lambda: run_cli(client, "migrate", "--check").exit_code == 0,
             "the legacy keys to expire",
             timeout=ttl + 60,
         )

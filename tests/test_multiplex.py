@@ -80,6 +80,17 @@ def _registered(app: Any, client: redis.Redis, task_id: str, count: int = 1) -> 
     wait_until(lambda: client.scard(watchers) >= count, f"{count} inboxes wait on {task_id}")
 
 
+def _waiting_on_t1(
+    make_app: Any, own: EmbeddedServer, mode: str
+) -> tuple[Any, redis.Redis, Waiting]:
+    """A multiplexing app, a plain client, and a wait on ``t1`` already registered."""
+    app = _app(make_app, own)
+    client = redis.Redis(port=own.port)
+    waiting = Waiting(lambda: _get(app, "t1", mode, 30))
+    _registered(app, client, "t1")
+    return app, client, waiting
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_result_stored_before_the_wait(make_app: Any, own: Any, mode: str) -> None:
     app = _app(make_app, own)
@@ -89,10 +100,7 @@ def test_a_result_stored_before_the_wait(make_app: Any, own: Any, mode: str) -> 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_result_stored_after_the_registration(make_app: Any, own: Any, mode: str) -> None:
-    app = _app(make_app, own)
-    client = redis.Redis(port=own.port)
-    waiting = Waiting(lambda: _get(app, "t1", mode, 30))
-    _registered(app, client, "t1")
+    app, client, waiting = _waiting_on_t1(make_app, own, mode)
     app.backend.store_result("t1", "after", states.SUCCESS)
     assert waiting.result() == "after"
     # A ready store ends the registration; the finished wait leaves no watcher behind.
@@ -200,10 +208,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # ...and the caller dies first
 def test_a_notification_never_pushed(make_app: Any, own: Any, fast_checks: None, mode: str) -> None:
     """As on a cluster, where the storing process pushes notifications itself: it is
     SIGKILLed between its store and its push. The check finds the result."""
-    app = _app(make_app, own)
-    client = redis.Redis(port=own.port)
-    waiting = Waiting(lambda: _get(app, "t1", mode, 30))
-    _registered(app, client, "t1")
+    _, _, waiting = _waiting_on_t1(make_app, own, mode)
     url = f"perkey://127.0.0.1:{own.port}/0"
     killed = subprocess.run(
         [sys.executable, "-c", _STORE_THEN_DIE, url, "t1", f"redis://127.0.0.1:{own.port}/0"],
@@ -217,10 +222,7 @@ def test_a_notification_never_pushed(make_app: Any, own: Any, fast_checks: None,
 def test_a_registration_deleted(make_app: Any, own: Any, fast_checks: None, mode: str) -> None:
     """The registration goes (evicted, say) and the result is stored in the same step,
     so no notification is sent: the check reads it."""
-    app = _app(make_app, own)
-    client = redis.Redis(port=own.port)
-    waiting = Waiting(lambda: _get(app, "t1", mode, 30))
-    _registered(app, client, "t1")
+    app, client, waiting = _waiting_on_t1(make_app, own, mode)
     layout = app.backend.layout
     payload = app.backend.encode(
         {"status": "SUCCESS", "result": "read, not notified", "task_id": "t1",
@@ -243,10 +245,7 @@ def test_a_registration_deleted(make_app: Any, own: Any, fast_checks: None, mode
 def test_a_lost_registration_is_made_again(
     make_app: Any, own: Any, fast_checks: None, mode: str
 ) -> None:
-    app = _app(make_app, own)
-    client = redis.Redis(port=own.port)
-    waiting = Waiting(lambda: _get(app, "t1", mode, 30))
-    _registered(app, client, "t1")
+    app, client, waiting = _waiting_on_t1(make_app, own, mode)
     client.delete(app.backend.layout.watchers("t1"))
     _registered(app, client, "t1")  # the check registers again...
     app.backend.store_result("t1", "notified again", states.SUCCESS)  # ...and it is notified
@@ -264,10 +263,7 @@ def _reader(client: redis.Redis) -> dict[str, Any] | None:
 def test_the_readers_connection_killed_and_its_inbox_deleted(
     make_app: Any, own: Any, fast_checks: None, mode: str
 ) -> None:
-    app = _app(make_app, own)
-    client = redis.Redis(port=own.port)
-    waiting = Waiting(lambda: _get(app, "t1", mode, 30))
-    _registered(app, client, "t1")
+    app, client, waiting = _waiting_on_t1(make_app, own, mode)
     wait_until(lambda: _reader(client) is not None, "the reader blocks on its inbox")
     reader = _reader(client)
     assert reader is not None

@@ -15,30 +15,17 @@ import pytest
 import redis
 import yaml
 from celery import states
-from prometheus_client.parser import text_string_to_metric_families
 
 from celery_perkey_backend.prometheus import METRIC_NAMES, render
 from celery_perkey_backend.testing import free_port
 
+from .conftest import samples, value
 from .processes import celery_worker, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "docs" / "prometheus-alerts.yml"
 PREFORK = ("--pool=prefork", "--concurrency=2", "--max-tasks-per-child=1")
 SWEEP = "celery_perkey_backend.sweep"
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a Prometheus text exposition, by name and labels."""
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
-def value(text: str, name: str, **labels: str) -> float | None:
-    return samples(text).get((name, tuple(sorted(labels.items()))))
 
 
 def _until(read: Callable[[], Any], what: str, seconds: float = 60.0) -> Any:

@@ -19,7 +19,7 @@ from celery import Celery, states
 from celery.exceptions import TimeoutError
 from celery.signals import task_postrun
 
-from .conftest import Boom, register_tasks, running_worker, wait_until
+from .conftest import READER, Boom, register_tasks, running_worker, wait_until
 
 
 @pytest.fixture
@@ -199,11 +199,9 @@ def test_cross_process_reader_of_worker_result(app: Any, worker: Any, backend_ur
     import subprocess
     import sys
 
-    from .test_wait import _READER
-
     result = app.tasks["t.sleep"].delay(0.5, "from worker")
     out = subprocess.run(
-        [sys.executable, "-c", _READER, backend_url, result.id],
+        [sys.executable, "-c", READER, backend_url, result.id],
         capture_output=True,
         text=True,
         timeout=30,

@@ -16,7 +16,7 @@ from celery.exceptions import TimeoutError
 
 from celery_perkey_backend.testing import EmbeddedServer
 
-from .conftest import command_calls, running_worker, wait_for_blocked_clients
+from .conftest import READER, command_calls, running_worker, wait_for_blocked_clients
 
 
 def _store_later(app: Any, task_id: str, value: Any, delay: float, state: str = "SUCCESS") -> None:
@@ -60,7 +60,7 @@ def test_one_store_wakes_every_waiter(app: Any, backend_url: str, r: redis.Redis
     for thread in threads:
         thread.start()
     other_process = subprocess.Popen(
-        [sys.executable, "-c", _READER, backend_url, "t1"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", READER, backend_url, "t1"], stdout=subprocess.PIPE, text=True
     )
     wait_for_blocked_clients(r, 6)
     app.backend.store_result("t1", "shared", states.SUCCESS)
@@ -72,14 +72,6 @@ def test_one_store_wakes_every_waiter(app: Any, backend_url: str, r: redis.Redis
     # Non-destructive: the result is still there for the next reader.
     assert app.AsyncResult("t1").get(timeout=1) == "shared"
     assert r.llen(app.backend.layout.result("t1")) == 1
-
-
-_READER = """
-import sys
-from celery import Celery
-app = Celery("reader", backend=sys.argv[1])
-print(repr(app.AsyncResult(sys.argv[2]).get(timeout=15)))
-"""
 
 
 def test_read_once_consumes(make_app: Any, r: redis.Redis) -> None:
