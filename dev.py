@@ -179,7 +179,11 @@ def main(argv: list[str]) -> int:
     if command == "test":
         python = ensure_env("dev")
         lint(python)
-        run(python, "-m", "pytest", "--cov", "--cov-report=term", "-m", "not slow", *rest)
+        # Four test processes on two cores: the tests mostly wait (for workers, servers,
+        # deadlines), so they overlap well; a file's tests stay in one process, which
+        # keeps its module-scoped cluster or Sentinel. `-n 0` after it runs serially.
+        spread = ["-n", "4", "--dist", "loadfile"]
+        run(python, "-m", "pytest", *spread, "--cov", "--cov-report=term", "-m", "not slow", *rest)
     elif command == "matrix":
         matrix(rest="--rest" in rest)
     elif command == "bench":
