@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,33 +53,44 @@ def test_subprocess_worker_round_trip(worker_process: Any, r: redis.Redis) -> No
 def test_beat_makes_no_subscription(server: Any, r: redis.Redis, tmp_path: Path) -> None:
     env = dict(os.environ, PERKEY_TEST_PORT=str(server.port), PERKEY_TEST_BROKER="memory://")
     r.config_resetstat()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tests.worker_app", "beat",
-         "-s", str(tmp_path / "schedule"), "--loglevel=INFO"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=3)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-    assert "Sending due task often" in out
+    # Logged once the task is published (the result backend sees it as sent).
+    _beat_until(tmp_path / "schedule", env, "w.mul sent. id->")
     stats = r.info("commandstats")
     assert not {"cmdstat_subscribe", "cmdstat_psubscribe", "cmdstat_ssubscribe"} & set(stats)
     assert r.pubsub_channels() == []
 
 
-def _run_for(args: list[str], env: dict[str, str], seconds: float) -> str:
+def _beat_until(schedule: Path, env: dict[str, str], marker: str, timeout: float = 90.0) -> str:
+    """Run ``celery beat`` until its log shows ``marker``, then stop it; its log.
+
+    Beat is stopped on what it logs, not after a fixed time: on a loaded machine
+    importing Celery alone can take seconds."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tests.worker_app", *args],
+        [sys.executable, "-m", "celery", "-A", "tests.worker_app", "beat",
+         "-s", str(schedule), "--loglevel=DEBUG"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        out, _ = proc.communicate(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-    return out
+        seen.wait(timeout)
+    finally:
+        proc.terminate()  # beat stores its schedule as it stops
+        proc.wait(30)
+        reader.join(30)
+    log = "".join(lines)
+    assert seen.is_set(), f"beat never logged {marker!r} in {timeout} s:\n{log}"
+    return log
 
 
 def test_beat_schedules_backend_cleanup_with_no_configuration(
@@ -88,7 +100,8 @@ def test_beat_schedules_backend_cleanup_with_no_configuration(
 
     env = dict(os.environ, PERKEY_TEST_PORT=str(server.port), PERKEY_TEST_BROKER="memory://")
     schedule = tmp_path / "schedule"
-    _run_for(["beat", "-s", str(schedule), "--loglevel=INFO"], env, 3)
+    # Logged once the scheduler is set up, which installs and stores the default entries.
+    _beat_until(schedule, env, "beat: Ticking with max interval")
     with shelve.open(str(schedule), flag="r") as stored:
         entries = stored["entries"]
     assert "celery.backend_cleanup" in entries
@@ -110,8 +123,8 @@ def test_sweep_task_runs_on_a_worker_configured_only_by_result_backend(
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        beat_log = _run_for(["beat", "-s", str(tmp_path / "schedule"), "--loglevel=INFO"], env, 4)
-        assert "celery_perkey_backend.sweep" in beat_log
+        # Published before the dry run below, so the solo worker runs it first.
+        _beat_until(tmp_path / "schedule", env, "celery_perkey_backend.sweep sent. id->")
         direct = make_app().send_task("celery_perkey_backend.sweep", kwargs={"dry_run": True})
         summary = direct.get(timeout=30)
         assert summary["dry_run"] is True
