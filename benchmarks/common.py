@@ -333,6 +333,15 @@ class Budget:
         return self.left() <= 0
 
 
+def blocked_waiters(client: redis.Redis) -> int:
+    """Clients blocked in a wait of their own (BLMOVE, BRPOPLPUSH, BRPOP...), on one
+    server: every blocked client but the multiplexers' inbox readers (BLPOP), whose
+    blocks outlive their last wait by up to 5 s and would blur the count."""
+    return sum(
+        1 for c in client.client_list() if "b" in c.get("flags", "") and c.get("cmd") != "blpop"
+    )
+
+
 def wait_until(condition: Callable[[], bool], limit: float, pause: float = 0.0005) -> bool:
     """Poll ``condition`` until it holds or ``limit`` seconds pass; whether it held."""
     end = time.monotonic() + limit

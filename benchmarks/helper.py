@@ -20,6 +20,7 @@ from celery import Celery
 
 from .common import (
     BackendSpec,
+    blocked_waiters,
     close_app,
     make_app,
     now_ns,
@@ -62,7 +63,7 @@ class _Worker:
         return self.raw[db]
 
     def blocked(self) -> int:
-        return sum(int(m.info("clients")["blocked_clients"]) for m in self.monitors)
+        return sum(blocked_waiters(m) for m in self.monitors)
 
     def warm(self) -> None:
         for name, spec in self.specs.items():
