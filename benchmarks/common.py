@@ -85,12 +85,21 @@ class Sizes:
     threads: int = 1000
     sweep_keys: int = 1_000_000
     orphans: int = 1000
-    #: Rounds of the figures that take seconds per round (memory, e2e burst, sweep),
-    #: at most; the others use every round.
+    #: Figure 11: the rows, concurrent waits in one process.
+    many_waiters: tuple[int, ...] = (1000, 10_000, 50_000)
+    #: Figure 11: the largest row the thread modes run at (a thread per wait).
+    many_threads: int = 1000
+    #: Figure 11: the largest row the modes with a connection per wait run at.
+    many_per_connection: int = 10_000
+    #: Figure 11: the server's ``maxclients`` while it runs (10,000: Redis's default).
+    many_maxclients: int = 10_000
+    #: Rounds of the figures that take seconds per round (memory, e2e burst, sweep,
+    #: many waiters), at most; the others use every round.
     heavy_rounds: int = 3
 
     def with_overrides(self, pairs: Iterable[str]) -> Sizes:
-        """Apply ``name=value`` overrides, e.g. ``sweep_keys=300000``.
+        """Apply ``name=value`` overrides, e.g. ``sweep_keys=300000``, or for a field
+        that holds several sizes ``many_waiters=1000,10000``.
 
         Raises
         ------
@@ -98,13 +107,29 @@ class Sizes:
             If a name is not a field or a value not an integer.
         """
         known = {f.name for f in fields(self)}
-        changes: dict[str, int] = {}
+        changes: dict[str, int | tuple[int, ...]] = {}
         for pair in pairs:
             name, sep, value = pair.partition("=")
             if not sep or name not in known:
                 raise ValueError(f"--size {pair!r}: use NAME=INT with NAME one of {sorted(known)}")
-            changes[name] = int(value.replace("_", ""))
-        return replace(self, **changes)
+            if isinstance(getattr(self, name), tuple):
+                changes[name] = tuple(int(v.replace("_", "")) for v in value.split(","))
+            else:
+                changes[name] = int(value.replace("_", ""))
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        """``name=value, ...`` for the results' header (several sizes joined by ``/``)."""
+        return ", ".join(
+            f"{name}={'/'.join(map(str, value)) if isinstance(value, tuple) else value}"
+            for name, value in vars(self).items()
+            if name != "heavy_rounds"
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Sizes:
+        """The inverse of :func:`dataclasses.asdict` through JSON (lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 FULL = Sizes()
@@ -124,6 +149,9 @@ QUICK = Sizes(
     threads=20,
     sweep_keys=5000,
     orphans=100,
+    many_waiters=(200, 1000),
+    many_threads=200,
+    many_per_connection=200,
     heavy_rounds=1,
 )
 

@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server=server_name,
         rounds=rounds,
         heavy_rounds=min(rounds, sizes.heavy_rounds),
-        sizes=", ".join(f"{k}={v}" for k, v in vars(sizes).items() if k != "heavy_rounds"),
+        sizes=sizes.describe(),
     )
     if "worker_pool" in results.meta:
         results.note(f"e2e worker pool: {results.meta['worker_pool']}.")
