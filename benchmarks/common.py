@@ -197,6 +197,19 @@ LABELS = {
     "perkey-hiredis": "perkey:// with hiredis",
     "perkey-python": "perkey:// pure-Python parser",
     "perkey-baseline": "perkey:// --baseline tree, with hiredis",
+    "perkey-mux": "perkey:// get(), multiplexed",
+    "perkey-aio": "perkey:// aio.wait()",
+}
+
+#: Figure 11's ways of waiting, in the order each round runs them: row name, label.
+MANY_MODES: dict[str, str] = {
+    "many-aio": "perkey:// asyncio, aio.wait() each",
+    "many-gevent": "perkey:// gevent, get() (multiplex auto)",
+    "many-threads-mux": "perkey:// threads, get() multiplexed",
+    "many-threads": "perkey:// threads, get() a connection each",
+    "many-redis-threads": "redis:// threads, get()",
+    "many-redis-gevent": "redis:// gevent, get()",
+    "many-poll": "polling await: GET + asyncio.sleep(0.1)",
 }
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -341,9 +354,21 @@ class Results:
             self.notes.append(text)
 
 
-def _backend_rank(name: str) -> tuple[int, str]:
-    order = [*ORDER[:1], "perkey-tracked", *ORDER[1:]]
-    return (order.index(name) if name in order else len(order), name)
+def row_label(name: str) -> str:
+    """A row's label: a backend's, or for figure 11's ``<mode>@<waits>`` the mode's and
+    the number of waits."""
+    mode, sep, waits = name.partition("@")
+    if sep and mode in MANY_MODES:
+        return f"{MANY_MODES[mode]}, {int(waits):,} waits"
+    return LABELS.get(name, name)
+
+
+def _backend_rank(name: str) -> tuple[int, int, int, str]:
+    order = [*ORDER[:1], "perkey-tracked", "perkey-mux", "perkey-aio", *ORDER[1:]]
+    mode, sep, waits = name.partition("@")
+    if sep and mode in MANY_MODES:
+        return (len(order) + 1, int(waits), list(MANY_MODES).index(mode), name)
+    return (order.index(name) if name in order else len(order), 0, 0, name)
 
 
 class Budget:

@@ -47,6 +47,9 @@ class Bench:
     cluster_ports: tuple[int, ...] = ()
     #: Another revision's package directory, for the baseline side of figure 10.
     baseline: Path | None = None
+    #: Figure 3 also times perkey's multiplexed waits (``get()`` multiplexed and
+    #: ``aio.wait``) beside the per-connection one: the main run only.
+    multiplexed_wake: bool = False
     apps: dict[str, Celery] = field(default_factory=dict)
     clients: dict[int, redis.Redis] = field(default_factory=dict)
     _sink: str | None = None

@@ -80,21 +80,28 @@ class _Worker:
         else:
             store_one(self.app(name), spec, task_id, reply_to)
 
-    def wait_for_waiter(self, probe: str, need: int, channel: str) -> bool:
-        """Whether the waiter was seen waiting (``False``: stored anyway after a limit)."""
+    def wait_for_waiter(self, probe: str, need: int, channel: str, db: int = 0) -> bool:
+        """Whether the waiter was seen waiting (``False``: stored anyway after a limit).
+
+        ``registered``: a multiplexed wait, seen when its task's watchers key
+        (``channel``, in ``db``) exists.
+        """
         if probe == "blocked":
             return wait_until(lambda: self.blocked() >= need, PROBE_LIMIT)
         if probe == "subscribed":
             return wait_until(
                 lambda: int(self.monitor.pubsub_numsub(channel)[0][1]) >= need, PROBE_LIMIT
             )
+        if probe == "registered":
+            client = self.client(db)
+            return wait_until(lambda: bool(client.exists(channel)), PROBE_LIMIT)
         return True
 
     def wake(self, args: dict[str, Any]) -> tuple[int, bool]:
         """Wait ``delay``, see the waiter wait, then store; the time of issuing the store."""
         time.sleep(float(args.get("delay", 0.0)))
         seen = self.wait_for_waiter(
-            args["probe"], int(args.get("need", 1)), args.get("channel", "")
+            args["probe"], int(args.get("need", 1)), args.get("channel", ""), args.get("db", 0)
         )
         issued = now_ns()
         self.store(args["backend"], args["task_id"], args.get("reply_to"))

@@ -58,7 +58,9 @@ SECTION_NOTES = {
         "(a blocked client, or for redis:// a subscriber on the task's channel; rpc: after "
         "10 ms; db+sqlite: after a random 5-505 ms, `get()` polls every 0.5 s). Latency runs "
         "from just before the helper issues the store to `get()` returning, both read on "
-        "CLOCK_MONOTONIC. The raw floor is LPUSH from the helper to a blocked BRPOP here."
+        "CLOCK_MONOTONIC. The raw floor is LPUSH from the helper to a blocked BRPOP here. "
+        "perkey:// get() multiplexed (`perkey_multiplex=True`) and aio.wait() wait through "
+        "the process's multiplexer: the helper stores once the task's watchers key exists."
     ),
     "join": (
         "'arriving': the join starts first; the helper process stores the results one by "
@@ -293,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         helper = Helper(specs, server.port)
         bench = Bench(
             sizes, rounds, results, budget, server.port, Path(tmp), specs, helper, args.pool,
-            baseline=_baseline(args.baseline),
+            baseline=_baseline(args.baseline), multiplexed_wake=True,
         )  # fmt: skip
         try:
             info = bench.client(0).info("server")
