@@ -120,6 +120,15 @@ class _Worker:
             self.store(args["backend"], task_id, args.get("reply_to"))
         return first, last, seen
 
+    def burst(self, args: dict[str, Any]) -> tuple[list[int], int]:
+        """Store every id in turn, as fast as one process can: when each store was
+        issued, and when the last one returned."""
+        issued = []
+        for task_id in args["task_ids"]:
+            issued.append(now_ns())
+            self.store(args["backend"], task_id, None)
+        return issued, now_ns()
+
     def probe(self, limit: float, stop: multiprocessing.synchronize.Event) -> dict[str, float]:
         """PING in a loop until ``stop`` is set (at most ``limit`` s); latency percentiles."""
         client = self.monitor
@@ -164,6 +173,8 @@ def helper_main(
                     reply = worker.wake(args)
                 elif command == "arrive":
                     reply = worker.arrive(args)
+                elif command == "burst":
+                    reply = worker.burst(args)
                 elif command == "probe":
                     reply = worker.probe(float(args["limit"]), stop)
                 else:
