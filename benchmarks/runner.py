@@ -172,7 +172,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-minutes",
         type=float,
-        help="stop starting rounds after this long (default 45, quick 5)",
+        help="stop starting rounds after this long (default 60, quick 5)",
     )
     return parser.parse_args(argv)
 
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 5)
     figures = _select(args.figures or ",".join(FIGURES), list(FIGURES), "figures")
     names = _select(args.backends or ",".join(ORDER), ORDER, "backends")
-    budget = Budget(60 * (args.max_minutes or (5 if args.quick else 45)))
+    budget = Budget(60 * (args.max_minutes or (5 if args.quick else 60)))
     results = Results()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
