@@ -85,12 +85,21 @@ class Sizes:
     threads: int = 1000
     sweep_keys: int = 1_000_000
     orphans: int = 1000
-    #: Rounds of the figures that take seconds per round (memory, e2e burst, sweep),
-    #: at most; the others use every round.
+    #: Figure 11: the rows, concurrent waits in one process.
+    many_waiters: tuple[int, ...] = (1000, 10_000, 50_000)
+    #: Figure 11: the largest row the thread modes run at (a thread per wait).
+    many_threads: int = 1000
+    #: Figure 11: the largest row the modes with a connection per wait run at.
+    many_per_connection: int = 10_000
+    #: Figure 11: the server's ``maxclients`` while it runs (10,000: Redis's default).
+    many_maxclients: int = 10_000
+    #: Rounds of the figures that take seconds per round (memory, e2e burst, sweep,
+    #: many waiters), at most; the others use every round.
     heavy_rounds: int = 3
 
     def with_overrides(self, pairs: Iterable[str]) -> Sizes:
-        """Apply ``name=value`` overrides, e.g. ``sweep_keys=300000``.
+        """Apply ``name=value`` overrides, e.g. ``sweep_keys=300000``, or for a field
+        that holds several sizes ``many_waiters=1000,10000``.
 
         Raises
         ------
@@ -98,13 +107,29 @@ class Sizes:
             If a name is not a field or a value not an integer.
         """
         known = {f.name for f in fields(self)}
-        changes: dict[str, int] = {}
+        changes: dict[str, int | tuple[int, ...]] = {}
         for pair in pairs:
             name, sep, value = pair.partition("=")
             if not sep or name not in known:
                 raise ValueError(f"--size {pair!r}: use NAME=INT with NAME one of {sorted(known)}")
-            changes[name] = int(value.replace("_", ""))
-        return replace(self, **changes)
+            if isinstance(getattr(self, name), tuple):
+                changes[name] = tuple(int(v.replace("_", "")) for v in value.split(","))
+            else:
+                changes[name] = int(value.replace("_", ""))
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        """``name=value, ...`` for the results' header (several sizes joined by ``/``)."""
+        return ", ".join(
+            f"{name}={'/'.join(map(str, value)) if isinstance(value, tuple) else value}"
+            for name, value in vars(self).items()
+            if name != "heavy_rounds"
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Sizes:
+        """The inverse of :func:`dataclasses.asdict` through JSON (lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 FULL = Sizes()
@@ -124,6 +149,9 @@ QUICK = Sizes(
     threads=20,
     sweep_keys=5000,
     orphans=100,
+    many_waiters=(200, 1000),
+    many_threads=200,
+    many_per_connection=200,
     heavy_rounds=1,
 )
 
@@ -169,6 +197,19 @@ LABELS = {
     "perkey-hiredis": "perkey:// with hiredis",
     "perkey-python": "perkey:// pure-Python parser",
     "perkey-baseline": "perkey:// --baseline tree, with hiredis",
+    "perkey-mux": "perkey:// get(), multiplexed",
+    "perkey-aio": "perkey:// aio.wait()",
+}
+
+#: Figure 11's ways of waiting, in the order each round runs them: row name, label.
+MANY_MODES: dict[str, str] = {
+    "many-aio": "perkey:// asyncio, aio.wait() each",
+    "many-gevent": "perkey:// gevent, get() (multiplex auto)",
+    "many-threads-mux": "perkey:// threads, get() multiplexed",
+    "many-threads": "perkey:// threads, get() a connection each",
+    "many-redis-threads": "redis:// threads, get()",
+    "many-redis-gevent": "redis:// gevent, get()",
+    "many-poll": "polling await: GET + asyncio.sleep(0.1)",
 }
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -313,9 +354,21 @@ class Results:
             self.notes.append(text)
 
 
-def _backend_rank(name: str) -> tuple[int, str]:
-    order = [*ORDER[:1], "perkey-tracked", *ORDER[1:]]
-    return (order.index(name) if name in order else len(order), name)
+def row_label(name: str) -> str:
+    """A row's label: a backend's, or for figure 11's ``<mode>@<waits>`` the mode's and
+    the number of waits."""
+    mode, sep, waits = name.partition("@")
+    if sep and mode in MANY_MODES:
+        return f"{MANY_MODES[mode]}, {int(waits):,} waits"
+    return LABELS.get(name, name)
+
+
+def _backend_rank(name: str) -> tuple[int, int, int, str]:
+    order = [*ORDER[:1], "perkey-tracked", "perkey-mux", "perkey-aio", *ORDER[1:]]
+    mode, sep, waits = name.partition("@")
+    if sep and mode in MANY_MODES:
+        return (len(order) + 1, int(waits), list(MANY_MODES).index(mode), name)
+    return (order.index(name) if name in order else len(order), 0, 0, name)
 
 
 class Budget:
@@ -331,6 +384,15 @@ class Budget:
     @property
     def exhausted(self) -> bool:
         return self.left() <= 0
+
+
+def blocked_waiters(client: redis.Redis) -> int:
+    """Clients blocked in a wait of their own (BLMOVE, BRPOPLPUSH, BRPOP...), on one
+    server: every blocked client but the multiplexers' inbox readers (BLPOP), whose
+    blocks outlive their last wait by up to 5 s and would blur the count."""
+    return sum(
+        1 for c in client.client_list() if "b" in c.get("flags", "") and c.get("cmd") != "blpop"
+    )
 
 
 def wait_until(condition: Callable[[], bool], limit: float, pause: float = 0.0005) -> bool:

@@ -50,7 +50,7 @@ def _held(bench: Bench, spec: BackendSpec, n: int) -> tuple[int, int]:
         except BaseException as exc:
             errors.append(exc)
 
-    blocked_before = int(monitor.info("clients")["blocked_clients"])
+    blocked_before = bench.blocked_clients()
     old_stack = threading.stack_size(512 * 1024)
     try:
         threads = [threading.Thread(target=waiter, args=(tid,), daemon=True) for tid in ids]
@@ -62,7 +62,7 @@ def _held(bench: Bench, spec: BackendSpec, n: int) -> tuple[int, int]:
         entered.acquire(timeout=GET_TIMEOUT)
     if spec.probe == "blocked":
         waiting = wait_until(
-            lambda: int(monitor.info("clients")["blocked_clients"]) >= blocked_before + n,
+            lambda: bench.blocked_clients() >= blocked_before + n,
             GET_TIMEOUT,
             pause=0.01,
         )
@@ -76,7 +76,7 @@ def _held(bench: Bench, spec: BackendSpec, n: int) -> tuple[int, int]:
     time.sleep(0.2)  # let anything still connecting finish
     held = _count(bench, name)
     if spec.probe == "blocked":
-        server_side = int(monitor.info("clients")["blocked_clients"]) - blocked_before
+        server_side = bench.blocked_clients() - blocked_before
     else:
         server_side = len(monitor.pubsub_channels("celery-task-meta-*"))
     for task_id in ids:

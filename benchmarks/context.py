@@ -12,7 +12,17 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from .common import BackendSpec, Budget, Results, Sizes, close_app, make_app, new_id, raw_client
+from .common import (
+    BackendSpec,
+    Budget,
+    Results,
+    Sizes,
+    blocked_waiters,
+    close_app,
+    make_app,
+    new_id,
+    raw_client,
+)
 from .helper import Helper
 
 
@@ -37,6 +47,9 @@ class Bench:
     cluster_ports: tuple[int, ...] = ()
     #: Another revision's package directory, for the baseline side of figure 10.
     baseline: Path | None = None
+    #: Figure 3 also times perkey's multiplexed waits (``get()`` multiplexed and
+    #: ``aio.wait``) beside the per-connection one: the main run only.
+    multiplexed_wake: bool = False
     apps: dict[str, Celery] = field(default_factory=dict)
     clients: dict[int, redis.Redis] = field(default_factory=dict)
     _sink: str | None = None
@@ -102,15 +115,17 @@ class Bench:
         return lambda: client.ping(target_nodes=next(turn))
 
     def blocked_clients(self) -> int:
-        """Clients blocked in a command on the server, or summed over the primaries."""
+        """Clients blocked in a wait of their own on the server (multiplexers' inbox
+        readers left out: :func:`~.common.blocked_waiters`), or summed over the
+        primaries."""
         if not self.cluster_ports:
-            return int(self.client(0).info("clients")["blocked_clients"])
+            return blocked_waiters(self.client(0))
         if not self._monitors:
             self._monitors = [
                 redis.Redis(host="127.0.0.1", port=port, socket_timeout=10)
                 for port in self.cluster_ports
             ]
-        return sum(int(m.info("clients")["blocked_clients"]) for m in self._monitors)
+        return sum(blocked_waiters(m) for m in self._monitors)
 
     # -- rounds -------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from celery import Celery
 
 from .common import (
     BackendSpec,
+    blocked_waiters,
     close_app,
     make_app,
     now_ns,
@@ -62,7 +63,7 @@ class _Worker:
         return self.raw[db]
 
     def blocked(self) -> int:
-        return sum(int(m.info("clients")["blocked_clients"]) for m in self.monitors)
+        return sum(blocked_waiters(m) for m in self.monitors)
 
     def warm(self) -> None:
         for name, spec in self.specs.items():
@@ -79,21 +80,28 @@ class _Worker:
         else:
             store_one(self.app(name), spec, task_id, reply_to)
 
-    def wait_for_waiter(self, probe: str, need: int, channel: str) -> bool:
-        """Whether the waiter was seen waiting (``False``: stored anyway after a limit)."""
+    def wait_for_waiter(self, probe: str, need: int, channel: str, db: int = 0) -> bool:
+        """Whether the waiter was seen waiting (``False``: stored anyway after a limit).
+
+        ``registered``: a multiplexed wait, seen when its task's watchers key
+        (``channel``, in ``db``) exists.
+        """
         if probe == "blocked":
             return wait_until(lambda: self.blocked() >= need, PROBE_LIMIT)
         if probe == "subscribed":
             return wait_until(
                 lambda: int(self.monitor.pubsub_numsub(channel)[0][1]) >= need, PROBE_LIMIT
             )
+        if probe == "registered":
+            client = self.client(db)
+            return wait_until(lambda: bool(client.exists(channel)), PROBE_LIMIT)
         return True
 
     def wake(self, args: dict[str, Any]) -> tuple[int, bool]:
         """Wait ``delay``, see the waiter wait, then store; the time of issuing the store."""
         time.sleep(float(args.get("delay", 0.0)))
         seen = self.wait_for_waiter(
-            args["probe"], int(args.get("need", 1)), args.get("channel", "")
+            args["probe"], int(args.get("need", 1)), args.get("channel", ""), args.get("db", 0)
         )
         issued = now_ns()
         self.store(args["backend"], args["task_id"], args.get("reply_to"))
@@ -111,6 +119,15 @@ class _Worker:
             last = now_ns()
             self.store(args["backend"], task_id, args.get("reply_to"))
         return first, last, seen
+
+    def burst(self, args: dict[str, Any]) -> tuple[list[int], int]:
+        """Store every id in turn, as fast as one process can: when each store was
+        issued, and when the last one returned."""
+        issued = []
+        for task_id in args["task_ids"]:
+            issued.append(now_ns())
+            self.store(args["backend"], task_id, None)
+        return issued, now_ns()
 
     def probe(self, limit: float, stop: multiprocessing.synchronize.Event) -> dict[str, float]:
         """PING in a loop until ``stop`` is set (at most ``limit`` s); latency percentiles."""
@@ -156,6 +173,8 @@ def helper_main(
                     reply = worker.wake(args)
                 elif command == "arrive":
                     reply = worker.arrive(args)
+                elif command == "burst":
+                    reply = worker.burst(args)
                 elif command == "probe":
                     reply = worker.probe(float(args["limit"]), stop)
                 else:

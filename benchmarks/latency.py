@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gc
 import random
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from celery import Celery
 
 from .common import (
     GET_TIMEOUT,
     VALUE,
     BackendSpec,
+    close_app,
+    make_app,
     median,
     new_id,
+    now_ns,
     percentile,
     rpc_request,
     store_one,
@@ -141,23 +149,96 @@ def wake_once(bench: Bench, spec: BackendSpec, blocked_before: int) -> tuple[flo
     return float(returned - issued), bool(seen)
 
 
+class Multiplexed:
+    """perkey's multiplexed waits for figure 3: ``get()`` with ``perkey_multiplex=True``
+    (row ``perkey-mux``) and ``aio.wait`` on an event loop of its own (``perkey-aio``).
+
+    Neither blocks a connection of its own, so the helper stores once the task's
+    watchers key exists: the wait has registered, and no store can miss it.
+    """
+
+    ROWS = ("perkey-mux", "perkey-aio")
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.spec = bench.spec("perkey")
+        self.app: Celery = make_app(self.spec, perkey_multiplex=True)
+        self.loop = asyncio.new_event_loop()
+
+    def once(self, row: str) -> tuple[float, bool]:
+        """One wake-up of ``row``'s wait: latency and whether the helper saw it wait."""
+        task_id = new_id()
+        self.bench.helper.send(
+            "wake", backend="perkey", task_id=task_id, probe="registered",
+            channel=self.app.backend.layout.watchers(task_id), db=self.spec.redis_db or 0,
+        )  # fmt: skip
+        failure: BaseException | None = None
+        returned = 0
+        try:
+            if row == "perkey-aio":
+                returned = self.loop.run_until_complete(self._aio(task_id))
+            else:
+                value = self.app.AsyncResult(task_id).get(timeout=GET_TIMEOUT)
+                returned = now_ns()
+                if value != VALUE:
+                    raise AssertionError(f"{row}: woke with {value!r}")
+        except BaseException as exc:
+            failure = exc
+            returned = now_ns()
+        issued, seen = self.bench.helper.receive(GET_TIMEOUT)
+        if failure is not None:
+            raise failure
+        return float(returned - issued), bool(seen)
+
+    async def _aio(self, task_id: str) -> int:
+        from celery_perkey_backend import aio
+
+        value = await aio.wait(self.bench.app("perkey").AsyncResult(task_id), timeout=GET_TIMEOUT)
+        returned = now_ns()
+        if value != VALUE:
+            raise AssertionError(f"perkey-aio: woke with {value!r}")
+        return returned
+
+    def close(self) -> None:
+        self.loop.close()
+        close_app(self.app)
+
+
+def _wake_rows(
+    bench: Bench, multiplexed: Multiplexed | None
+) -> Iterator[tuple[str, bool, Callable[[], tuple[float, bool]]]]:
+    """Each row of a round, in order: its name, whether it polls, one wake-up of it."""
+    for spec in bench.specs:
+        # Counted just before the row's samples, as the helper's probe counts.
+        blocked_before = bench.blocked_clients()
+        yield spec.name, spec.polling, functools.partial(wake_once, bench, spec, blocked_before)
+        if spec.name == "perkey" and multiplexed is not None:
+            for row in Multiplexed.ROWS:
+                yield row, False, functools.partial(multiplexed.once, row)
+
+
 def run_wake(bench: Bench) -> None:
-    """Figure 3: wake-up latency p50/p90/p99 of a waiter blocked before the store."""
+    """Figure 3: wake-up latency p50/p90/p99 of a waiter blocked before the store, and
+    (``bench.multiplexed_wake``) of perkey's multiplexed ``get()`` and ``aio.wait``."""
     unseen: dict[str, int] = {}
-    for _ in bench.round_range("wake"):
-        for spec in bench.specs:
-            n = bench.sizes.wake_polling if spec.polling else bench.sizes.wake
-            gc.collect()
-            blocked_before = bench.blocked_clients()
-            samples = []
-            for _ in range(n):
-                latency, seen = wake_once(bench, spec, blocked_before)
-                samples.append(latency)
-                if not seen:
-                    unseen[spec.name] = unseen.get(spec.name, 0) + 1
-            for q in (50, 90, 99):
-                bench.results.add(f"wake_p{q}", spec.name, percentile(samples, q))
-            bench.results.add_samples("wake", spec.name, samples)
+    multiplexed = Multiplexed(bench) if bench.multiplexed_wake and bench.has("perkey") else None
+    try:
+        for _ in bench.round_range("wake"):
+            for name, polling, wake in _wake_rows(bench, multiplexed):
+                n = bench.sizes.wake_polling if polling else bench.sizes.wake
+                gc.collect()
+                samples = []
+                for _ in range(n):
+                    latency, seen = wake()
+                    samples.append(latency)
+                    if not seen:
+                        unseen[name] = unseen.get(name, 0) + 1
+                for q in (50, 90, 99):
+                    bench.results.add(f"wake_p{q}", name, percentile(samples, q))
+                bench.results.add_samples("wake", name, samples)
+    finally:
+        if multiplexed is not None:
+            multiplexed.close()
     for name, count in unseen.items():
         bench.results.note(
             f"wake: {count} sample(s) of {name} were stored before the helper saw the waiter "

@@ -133,7 +133,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--figures", default=",".join(CHILD_FIGURES))
     args = parser.parse_args(argv)
-    sizes = Sizes(**json.loads(args.sizes))
+    sizes = Sizes.from_dict(json.loads(args.sizes))
     results = Results()
     with tempfile.TemporaryDirectory(prefix="perkey-bench-child-") as tmp:
         specs = build_specs(args.port, Path(tmp), ["perkey"])

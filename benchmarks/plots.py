@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import LABELS, Results, median, percentile
+from .common import MANY_MODES, Results, median, percentile, row_label
 from .report import METRICS
 
 SCALE = {"ns": (1e6, "ms"), "per_s": (1.0, "per second"), "bytes": (1.0, "bytes")}
@@ -19,6 +19,15 @@ COLORS = {
     "rpc": "#ff7f0e",
     "sqlite": "#7f7f7f",
     "raw": "#2ca02c",
+    "perkey-mux": "#17becf",
+    "perkey-aio": "#9467bd",
+    "many-aio": "#9467bd",
+    "many-gevent": "#1f77b4",
+    "many-threads-mux": "#17becf",
+    "many-threads": "#6baed6",
+    "many-redis-threads": "#d62728",
+    "many-redis-gevent": "#ff7f0e",
+    "many-poll": "#7f7f7f",
 }
 
 
@@ -50,7 +59,7 @@ def _bars(ax: Any, results: Results, metric: str, title: str, log: bool) -> bool
         color=[COLORS.get(b, "#333333") for b in backends],
         capsize=3,
     )
-    ax.set_yticks(list(positions), [LABELS.get(b, b) for b in backends], fontsize=8)
+    ax.set_yticks(list(positions), [row_label(b) for b in backends], fontsize=8)
     ax.invert_yaxis()
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(axis_label, fontsize=8)
@@ -107,7 +116,7 @@ def _wake_cdf(path: Path, results: Results) -> Path | None:
         p99 = percentile(samples, 99)
         ax.step(
             samples, fractions, where="post", color=COLORS.get(backend, "#333333"),
-            label=f"{LABELS.get(backend, backend)} (p99 {p99:.3g} ms)",
+            label=f"{row_label(backend)} (p99 {p99:.3g} ms)",
         )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("ms from the store being issued (another process) to get() returning")
@@ -117,6 +126,66 @@ def _wake_cdf(path: Path, results: Results) -> Path | None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _number(v)))
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _many(path: Path, results: Results) -> Path | None:
+    """Figure 11: each mode's medians against the number of waits, log-scaled."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def series(
+        metric: str, mode: str, scale: float = 1.0, per_wait: bool = False
+    ) -> tuple[list[int], list[float]]:
+        """(waits, median / scale [/ waits]) of ``mode``'s rows, by number of waits."""
+        points = []
+        for backend in results.backends_for(metric):
+            name, _, waits = backend.partition("@")
+            if name == mode:
+                value = median(results.get(metric, backend)) / scale
+                points.append((int(waits), value / int(waits) if per_wait else value))
+        points.sort()
+        return [n for n, _ in points], [v for _, v in points]
+
+    modes = [m for m in MANY_MODES if series("many_store", m)[0]]
+    if not modes:
+        return None
+    panels = [  # metric, title, scale, per wait, log
+        ("many_connections", "connections held at the server", 1.0, False, True),
+        ("many_ratio", "first store → last delivery / the stores' time", 1.0, False, False),
+        ("many_wake_p50", "wake p50 (ms); dashed: p99", 1e6, False, True),
+        ("many_cpu", "client CPU per wait, launch → last delivery (µs)", 1e3, True, True),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    for ax, (metric, title, scale, per_wait, log) in zip(axes.flat, panels, strict=True):
+        for mode in modes:
+            color = COLORS.get(mode, "#333333")
+            xs, ys = series(metric, mode, scale, per_wait)
+            if xs:
+                ax.plot(xs, ys, marker="o", color=color, label=MANY_MODES[mode])
+            if metric == "many_wake_p50":
+                xs, ys = series("many_wake_p99", mode, scale)
+                if xs:
+                    ax.plot(xs, ys, marker=".", linestyle="--", color=color, alpha=0.6)
+        ax.set_xscale("log")
+        if log:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _number(v)))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted({n for m in modes for n in series("many_store", m)[0]}))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("concurrent waits in one process", fontsize=8)
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
+    fig.suptitle("Many waiters: N waits in one process, N results stored back to back "
+                 "(medians of rounds)", fontsize=11)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -168,5 +237,6 @@ def write_plots(out: Path, results: Results) -> list[Path]:
             ],
             "Server memory per stored result",
         ),
+        _many(out / "many.png", results),
     ]
     return [path for path in made if path is not None]

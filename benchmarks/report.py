@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .common import LABELS, Metric, Results, median
+from .common import Metric, Results, median, row_label
 
 #: Every metric, grouped into the report's sections, in order.
 SECTIONS: list[tuple[str, str, list[Metric]]] = [
@@ -97,6 +97,20 @@ SECTIONS: list[tuple[str, str, list[Metric]]] = [
             Metric("parser_sweep_probe_p99_during", "parser", "PING p99, during a sweep", "ns"),
         ],
     ),
+    (
+        "many",
+        "11. Many waiters: N concurrent waits in one process, N results stored back to back",
+        [
+            Metric("many_connections", "many", "connections held", "count"),
+            Metric("many_failed", "many", "waits failed", "count"),
+            Metric("many_store", "many", "stores took", "ns"),
+            Metric("many_ratio", "many", "first store → last delivery / stores took", "ratio"),
+            Metric("many_wake_p50", "many", "wake p50", "ns"),
+            Metric("many_wake_p99", "many", "wake p99", "ns"),
+            Metric("many_cpu", "many", "client CPU, launch → last delivery", "ns"),
+            Metric("many_cpu_idle", "many", "client CPU while idle", "percent"),
+        ],
+    ),
 ]
 
 METRICS = {metric.key: metric for _, _, metrics in SECTIONS for metric in metrics}
@@ -129,6 +143,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{value:.0f} B"
     if unit == "ratio":
         return f"{_sig(value)}x"
+    if unit == "percent":
+        return f"{_sig(value)} %"
     return f"{value:.0f}"
 
 
@@ -155,7 +171,7 @@ def section_table(results: Results, metrics: Sequence[Metric]) -> list[str]:
     ]
     for backend in backends:
         cells = [cell(results.get(m.key, backend), m.unit) for m in metrics]
-        lines.append(f"| {LABELS.get(backend, backend)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_label(backend)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -299,6 +315,84 @@ def _hiredis_tail(results: Results) -> Outcome:
     return Outcome(text, median(ours) <= RECORDED_SWEEP_P99_NS)
 
 
+def _within_floor(row: str, floor: str, factor: float) -> Callable[[Results], Outcome]:
+    """Figure 3: ``row``'s wake p50 at most ``factor`` times ``floor``'s, round by round."""
+
+    def evaluate(results: Results) -> Outcome:
+        ratios = round_ratios(results, "wake_p50", row, floor)
+        if not ratios:
+            return Outcome("not measured", None)
+        text = (
+            f"{fmt(median(results.get('wake_p50', row)), 'ns')} vs "
+            f"{fmt(median(results.get('wake_p50', floor)), 'ns')}: {_ratio_text(ratios)}"
+        )
+        return Outcome(text, median(ratios) <= factor)
+
+    return evaluate
+
+
+def many_rows(results: Results, metric: str, mode: str) -> list[int]:
+    """Figure 11: the numbers of waits ``mode`` has values of ``metric`` at, ascending."""
+    found = []
+    for backend in results.backends_for(metric):
+        name, sep, waits = backend.partition("@")
+        if sep and name == mode:
+            found.append(int(waits))
+    return sorted(found)
+
+
+def _many_row(results: Results, metric: str, mode: str, need: int) -> tuple[int, bool] | None:
+    """The row a target of ``need`` waits is judged at: the smallest with at least
+    ``need`` waits, else the largest there is (then ``False``: below the target's)."""
+    rows = many_rows(results, metric, mode)
+    if not rows:
+        return None
+    enough = [n for n in rows if n >= need]
+    return (enough[0], True) if enough else (rows[-1], False)
+
+
+def _many_connections(mode: str, need: int, most: int = 8) -> Callable[[Results], Outcome]:
+    """Figure 11: ``need`` waits of ``mode`` answered on at most ``most`` connections."""
+
+    def evaluate(results: Results) -> Outcome:
+        found = _many_row(results, "many_connections", mode, need)
+        if found is None:
+            return Outcome("not measured", None)
+        n, enough = found
+        held = results.get("many_connections", f"{mode}@{n}")
+        failed = max(results.get("many_failed", f"{mode}@{n}"), default=0)
+        text = f"{cell(held, 'count')} connections for {n:,} waits, {failed:.0f} failed"
+        if not enough:
+            return Outcome(f"{text} (no row of {need:,} or more in this run)", None)
+        return Outcome(text, max(held) <= most and failed == 0)
+
+    return evaluate
+
+
+def _many_delivery(need: int, factor: float) -> Callable[[Results], Outcome]:
+    """Figure 11: the last of ``need`` results delivered within ``factor`` times the time
+    their stores took, for asyncio and for gevent."""
+
+    def evaluate(results: Results) -> Outcome:
+        parts, met = [], []
+        for mode, name in (("many-aio", "asyncio"), ("many-gevent", "gevent")):
+            found = _many_row(results, "many_ratio", mode, need)
+            if found is None:
+                parts.append(f"{name}: not measured")
+                met.append(None)
+                continue
+            n, enough = found
+            ratios = results.get("many_ratio", f"{mode}@{n}")
+            failed = max(results.get("many_failed", f"{mode}@{n}"), default=0)
+            parts.append(f"{name} {cell(ratios, 'ratio')} at {n:,}" + ("" if enough else
+                         f" (no row of {need:,} or more)"))  # fmt: skip
+            met.append(median(ratios) <= factor and failed == 0 if enough else None)
+        verdict = False if False in met else (True if all(met) else None)
+        return Outcome("; ".join(parts), verdict)
+
+    return evaluate
+
+
 TARGETS = [
     Target("wake p50 ≥ 3x lower than redis://", _faster("wake_p50", 3.0)),
     Target("wake p50 within 1.5x of the raw LPUSH→BRPOP floor", _near_floor),
@@ -315,6 +409,26 @@ TARGETS = [
         "with hiredis, another client's p99 during a sweep no worse than before (the "
         "--baseline tree's, or 1.78 ms)",
         _hiredis_tail,
+    ),
+    Target(
+        "10,000 asyncio waits on ≤ 8 server connections from the waiting process",
+        _many_connections("many-aio", 10_000),
+    ),
+    Target(
+        "12,000 gevent waits on ≤ 8 server connections from the waiting process",
+        _many_connections("many-gevent", 12_000),
+    ),
+    Target(
+        "the last of 10,000 results delivered within 1.5x the time their stores took",
+        _many_delivery(10_000, 1.5),
+    ),
+    Target(
+        "one aio.wait()'s wake p50 within 2x the raw LPUSH→BRPOP floor",
+        _within_floor("perkey-aio", "raw", 2.0),
+    ),
+    Target(
+        "one multiplexed get()'s wake p50 within 1.5x the per-connection get()'s",
+        _within_floor("perkey-mux", "perkey", 1.5),
     ),
 ]
 
@@ -365,6 +479,8 @@ def render(results: Results, section_notes: dict[str, str]) -> str:
         lines += [*table, ""]
         if key == "parser":
             lines += parser_ratios(results, metrics)
+        if key == "many":
+            lines += threads_lines(results)
     lines += ["## Targets", "", *targets_table(results), ""]
     return "\n".join(lines)
 
@@ -389,6 +505,44 @@ def parser_ratios(results: Results, metrics: Sequence[Metric]) -> list[str]:
         "| | " + " | ".join(m.title for m in metrics) + " |",
         "|---|" + "---|" * len(metrics),
         *rows,
+        "",
+    ]
+
+
+def threads_lines(results: Results) -> list[str]:
+    """Figure 11's thread rows side by side: should threads multiplex by default?"""
+    cells: list[str] = []
+    metrics = [
+        ("many_wake_p50", "wake p50"),
+        ("many_wake_p99", "wake p99"),
+        ("many_ratio", "delivery ratio"),
+        ("many_cpu", "client CPU"),
+    ]
+    for n in many_rows(results, "many_store", "many-threads-mux"):
+        mux, each = f"many-threads-mux@{n}", f"many-threads@{n}"
+        if not results.get("many_store", each):
+            continue
+        held = (
+            f"{median(results.get('many_connections', mux)):.0f} vs "
+            f"{median(results.get('many_connections', each)):.0f} connections"
+        )
+        ratios = [
+            f"{title} {_ratio_text(round_ratios(results, metric, mux, each))}"
+            for metric, title in metrics
+            if results.get(metric, mux) and results.get(metric, each)
+        ]
+        cells.append(f"- {n:,} threads: {held}; " + ", ".join(ratios))
+    single = round_ratios(results, "wake_p50", "perkey-mux", "perkey")
+    if single:
+        cells.append(f"- one wait (figure 3): wake p50 {_ratio_text(single)}")
+    if not cells:
+        return []
+    return [
+        "Threads, multiplexed (`perkey_multiplex=True`) against a connection each "
+        "(`False`, the default for threads today): multiplexed / per-connection, round by "
+        "round (below 1: the multiplexed threads do better):",
+        "",
+        *cells,
         "",
     ]
 

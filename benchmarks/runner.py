@@ -29,6 +29,7 @@ from .e2e import run_e2e
 from .groups import run_join
 from .helper import Helper
 from .latency import run_read, run_store, run_wake
+from .many import run_many
 from .memory import run_memory
 from .parsers import run_parsers
 from .publish import run_publish
@@ -45,6 +46,7 @@ FIGURES: dict[str, Callable[[Bench], None]] = {
     "connections": run_connections,
     "sweep": run_sweep,
     "parser": run_parsers,
+    "many": run_many,
 }
 
 #: How each figure is taken, one line under its table in results.md.
@@ -58,7 +60,9 @@ SECTION_NOTES = {
         "(a blocked client, or for redis:// a subscriber on the task's channel; rpc: after "
         "10 ms; db+sqlite: after a random 5-505 ms, `get()` polls every 0.5 s). Latency runs "
         "from just before the helper issues the store to `get()` returning, both read on "
-        "CLOCK_MONOTONIC. The raw floor is LPUSH from the helper to a blocked BRPOP here."
+        "CLOCK_MONOTONIC. The raw floor is LPUSH from the helper to a blocked BRPOP here. "
+        "perkey:// get() multiplexed (`perkey_multiplex=True`) and aio.wait() wait through "
+        "the process's multiplexer: the helper stores once the task's watchers key exists."
     ),
     "join": (
         "'arriving': the join starts first; the helper process stores the results one by "
@@ -94,6 +98,18 @@ SECTION_NOTES = {
         "backend's own `store_result`, divided by N; MEMORY USAGE SAMPLES 0 of one key. "
         "'perkey:// + STARTED' stores a STARTED state first (task_track_started), which "
         "adds the progress stream."
+    ),
+    "many": (
+        "Each row: a waiting process of its own (gevent-patched for the gevent rows) starts "
+        "N concurrent waits, each on a task of its own. Once the server shows them all "
+        "waiting (registered, blocked or subscribed; polling: each has read once), its "
+        "connections are counted in CLIENT LIST by the process's client name and its CPU "
+        "share is taken over 0.5 s of idle waiting; then the helper process stores the N "
+        "results back to back. Stores took: first store issued to last store returned. "
+        "Delivery ratio: (last delivery - first store issued) / that. Wake: delivery - that "
+        "task's store issued. Client CPU: the waiting process's user + system time from "
+        "launching the first wait to the last delivery. Polling: redis-py's asyncio client, "
+        "a pool of at most 8 connections, on the redis:// keys."
     ),
     "connections": (
         "Connections named with this round's `redis_client_name` in CLIENT LIST while every "
@@ -156,7 +172,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-minutes",
         type=float,
-        help="stop starting rounds after this long (default 25, quick 5)",
+        help="stop starting rounds after this long (default 60, quick 5)",
     )
     return parser.parse_args(argv)
 
@@ -270,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 5)
     figures = _select(args.figures or ",".join(FIGURES), list(FIGURES), "figures")
     names = _select(args.backends or ",".join(ORDER), ORDER, "backends")
-    budget = Budget(60 * (args.max_minutes or (5 if args.quick else 25)))
+    budget = Budget(60 * (args.max_minutes or (5 if args.quick else 60)))
     results = Results()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         helper = Helper(specs, server.port)
         bench = Bench(
             sizes, rounds, results, budget, server.port, Path(tmp), specs, helper, args.pool,
-            baseline=_baseline(args.baseline),
+            baseline=_baseline(args.baseline), multiplexed_wake=True,
         )  # fmt: skip
         try:
             info = bench.client(0).info("server")
@@ -331,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server=server_name,
         rounds=rounds,
         heavy_rounds=min(rounds, sizes.heavy_rounds),
-        sizes=", ".join(f"{k}={v}" for k, v in vars(sizes).items() if k != "heavy_rounds"),
+        sizes=sizes.describe(),
     )
     if "worker_pool" in results.meta:
         results.note(f"e2e worker pool: {results.meta['worker_pool']}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,35 @@ def test_quick_cluster_run_writes_the_cluster_rows(tmp_path: Path) -> None:
     assert "| wake p50 | " in table
     assert "redis:// not run" in table
     assert " failed " not in table, table
+
+
+@pytest.mark.timeout(180)
+def test_quick_benchmark_run_of_figure_11_many_waiters(tmp_path: Path) -> None:
+    # Every way of waiting once, at 100 waits each (the thread and per-connection rows
+    # included), and figure 3's multiplexed rows that two of issue 11's targets use.
+    sizes = ["many_waiters=100", "many_threads=100", "many_per_connection=100"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--rounds", "1", "--figures", "wake,many",
+         "--backends", "perkey,redis,raw", "--no-plots", "--out", str(tmp_path),
+         *(arg for size in sizes for arg in ("--size", size))],
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert " failed: " not in table, table
+    section = table.split("## 11.", 1)[1].split("## Targets", 1)[0]
+    rows = [line for line in section.splitlines() if line.endswith("|") and ", 100 waits |" in line]
+    assert len(rows) == 7, section
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[2] == "0", row  # no wait failed
+    wake = table.split("## 3.", 1)[1].split("## 4.", 1)[0]
+    assert "| perkey:// get(), multiplexed |" in wake
+    assert "| perkey:// aio.wait() |" in wake
+    targets = table.split("## Targets", 1)[1].splitlines()
+    for target in ("one aio.wait()'s wake p50", "one multiplexed get()'s wake p50"):
+        (line,) = [line for line in targets if target in line]
+        assert "not measured" not in line, line
+    (line,) = [line for line in targets if "10,000 asyncio waits on ≤ 8 server" in line]
+    held = re.search(r"\| (\d+) connections for 100 waits, 0 failed", line)
+    assert held is not None and int(held.group(1)) <= 8, line
