@@ -273,21 +273,28 @@ class Multiplexer:
             if not self._watching.wait(READER_BLOCK):
                 continue
             try:
-                notes = self.store.pop_inbox(self.inbox, READER_BLOCK, BATCH)
+                first = self.store.pop_inbox(self.inbox, READER_BLOCK)
+                if lost:
+                    # Notifications may have gone with the connection: check every task.
+                    lost = False
+                    self._recovered()
+                if first is None:
+                    continue
+                # The first is handed on before the others are fetched: a lone wake-up
+                # must not wait for a second round trip.
+                self._handle(first)
+                for raw in self.store.take_inbox(self.inbox, BATCH - 1):
+                    self._handle(raw)
             except PerkeyError as exc:
                 lost = self._trouble(exc, lost)
-                continue
-            if lost:
-                # Notifications may have gone with the connection: check every task.
-                lost = False
-                self._recovered()
-            for raw in notes:
-                try:
-                    note = parse_note(raw)
-                except (ValueError, UnicodeDecodeError):
-                    logger.warning("perkey: ignored a malformed notification in %s", self.inbox)
-                    continue
-                self._noted(note)
+
+    def _handle(self, raw: bytes) -> None:
+        try:
+            note = parse_note(raw)
+        except (ValueError, UnicodeDecodeError):
+            logger.warning("perkey: ignored a malformed notification in %s", self.inbox)
+            return
+        self._noted(note)
 
     def _noted(self, note: Note) -> None:
         if note.element is None:

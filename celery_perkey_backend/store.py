@@ -594,17 +594,17 @@ class ResultStore:
 
         self._pipeline(build, "end waits", inbox)
 
-    def pop_inbox(self, inbox: str, seconds: float, most: int) -> list[bytes]:
-        """Block up to ``seconds`` for notifications in ``inbox``; take up to ``most``."""
+    def pop_inbox(self, inbox: str, seconds: float) -> bytes | None:
+        """Block up to ``seconds`` for the next notification in ``inbox``; ``None`` if
+        none came."""
         with self.errors("read notifications", inbox):
-            first = blocking_call(self.client, inbox, seconds, "BLPOP", inbox, seconds)
-            if first is None:
-                return []
-            notes = [first[1]]
-            if most > 1:
-                more = self.client.lpop(inbox, most - 1)
-                notes.extend(cast("list[bytes]", more or []))
-        return notes
+            reply = blocking_call(self.client, inbox, seconds, "BLPOP", inbox, seconds)
+        return None if reply is None else cast(bytes, reply[1])
+
+    def take_inbox(self, inbox: str, most: int) -> list[bytes]:
+        """Take up to ``most`` notifications waiting in ``inbox``, without blocking."""
+        with self.errors("read notifications", inbox):
+            return cast("list[bytes]", self.client.lpop(inbox, most) or [])
 
     def _by_node(self, task_ids: Sequence[str], where: str) -> list[tuple[Any, list[str]]]:
         """The ids grouped by the node that holds their keys (scripts cannot go through a
