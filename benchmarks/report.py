@@ -393,6 +393,27 @@ def _many_delivery(need: int, factor: float) -> Callable[[Results], Outcome]:
     return evaluate
 
 
+def _running_memory(results: Results) -> Outcome:
+    """A running task (its STARTED state, ``task_track_started``) against a ready
+    result, both through perkey on Redis 7.0 (Valkey 8 shown beside it)."""
+    parts = []
+    met: bool | None = None
+    for suffix, label in (("redis7", "Redis 7.0"), ("valkey8", "Valkey 8")):
+        running = results.get(f"mem_result@{suffix}", "perkey-tracked")
+        ready = results.get(f"mem_result@{suffix}", "perkey")
+        if not running or not ready:
+            parts.append(f"{label}: not measured")
+            continue
+        delta = median(running) - median(ready)
+        parts.append(
+            f"{label}: {fmt(median(running), 'bytes')} vs {fmt(median(ready), 'bytes')} "
+            f"({delta:+.0f} B)"
+        )
+        if suffix == "redis7":
+            met = delta <= 200
+    return Outcome("; ".join(parts), met)
+
+
 TARGETS = [
     Target("wake p50 ≥ 3x lower than redis://", _faster("wake_p50", 3.0)),
     Target("wake p50 within 1.5x of the raw LPUSH→BRPOP floor", _near_floor),
@@ -402,6 +423,10 @@ TARGETS = [
     Target("publish rate no lower than redis://", _not_lower("publish")),
     Target("end-to-end burst no lower than redis://", _not_lower("e2e_burst")),
     Target("memory per result ≤ redis:// + 100 B on Redis 7.0", _memory),
+    Target(
+        "a running task (task_track_started) ≤ its ready result + 200 B on Redis 7.0",
+        _running_memory,
+    ),
     Target("cleaning 1,000 orphans < 50 ms", _orphans),
     Target("sweeper scans ≥ 100k keys/s", _scan),
     Target("with hiredis, the sweeper scans ≥ 150k keys/s (default batch)", _hiredis_scan),
