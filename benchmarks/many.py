@@ -440,12 +440,18 @@ def _get(app: Celery, index: int, task_id: str, into: Deliveries, limit: float) 
     """One plain ``get()`` (a thread's or a greenlet's)."""
     try:
         value = app.AsyncResult(task_id).get(timeout=limit)
-        if value != VALUE:
-            raise AssertionError(f"wrong value {value!r}")
     except Exception as exc:
         into.fail(exc)
         return
-    into.deliver(index)
+    _delivered(into, index, value)
+
+
+def _delivered(into: Deliveries, index: int, value: Any) -> None:
+    """Count a wait's return: a delivery, or a failure if it returned the wrong value."""
+    if value == VALUE:
+        into.deliver(index)
+    else:
+        into.fail(AssertionError(f"wrong value {value!r}"))
 
 
 def _wait_threads(app: Celery, ids: Sequence[str], into: Deliveries, limit: float) -> None:
@@ -477,30 +483,34 @@ def _wait_gevent(app: Celery, ids: Sequence[str], into: Deliveries, limit: float
         gevent.sleep(SAMPLE)
 
 
+async def _hold(into: Deliveries, tasks: list[asyncio.Future[None]]) -> None:
+    """Say the waits started, sample the CPU until every one has ended, then cancel any
+    still running."""
+    into.started()
+    while not into.done:
+        into.sample()
+        await asyncio.sleep(SAMPLE)
+    for task in tasks:
+        task.cancel()
+
+
 def _wait_aio(app: Celery, ids: Sequence[str], into: Deliveries, limit: float) -> None:
     from celery_perkey_backend import aio
 
     async def one(index: int, task_id: str) -> None:
         try:
             value = await aio.wait(app.AsyncResult(task_id), timeout=limit)
-            if value != VALUE:
-                raise AssertionError(f"wrong value {value!r}")
         except Exception as exc:
             into.fail(exc)
             return
-        into.deliver(index)
+        _delivered(into, index, value)
 
     async def main() -> None:
         await aio.wait(app.AsyncResult(WARM), timeout=GET_TIMEOUT)
         into.cpu_start = cpu_seconds()
         tasks = [asyncio.ensure_future(one(i, task_id)) for i, task_id in enumerate(ids)]
         await asyncio.sleep(0)  # every task runs until its wait awaits
-        into.started()
-        while not into.done:
-            into.sample()
-            await asyncio.sleep(SAMPLE)
-        for task in tasks:
-            task.cancel()
+        await _hold(into, tasks)
 
     asyncio.run(main())
 
@@ -559,12 +569,7 @@ def _wait_poll(
         into.cpu_start = cpu_seconds()
         tasks = [asyncio.ensure_future(one(i, task_id)) for i, task_id in enumerate(ids)]
         await read_once.wait()
-        into.started()
-        while not into.done:
-            into.sample()
-            await asyncio.sleep(SAMPLE)
-        for task in tasks:
-            task.cancel()
+        await _hold(into, tasks)
         await client.aclose()
 
     asyncio.run(main())

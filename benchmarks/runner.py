@@ -96,8 +96,8 @@ SECTION_NOTES = {
     "memory": (
         "Fresh server per kind; INFO used_memory delta over N stores through each "
         "backend's own `store_result`, divided by N; MEMORY USAGE SAMPLES 0 of one key. "
-        "'perkey:// + STARTED' stores a STARTED state first (task_track_started), which "
-        "adds the progress stream."
+        "'perkey:// running (STARTED)' stores only a STARTED state (task_track_started): "
+        "what a task costs while it runs, against its ready result."
     ),
     "many": (
         "Each row: a waiting process of its own (gevent-patched for the gevent rows) starts "
