@@ -20,21 +20,29 @@ from .conftest import command_calls, wait_for_blocked_clients, wait_until
 # -- a full server ---------------------------------------------------------------------
 
 
+#: Junk written before the limit is set: 64 keys of 64 KB.
+JUNK_KEYS, JUNK = 64, b"x" * 65536
+
+
 def _fill(client: redis.Redis) -> int:
-    """Write junk until the server refuses writes; how many junk keys it took."""
-    chunk = b"x" * 65536
-    for n in range(10_000):
-        try:
-            client.set(f"junk:{n}", chunk)
-        except redis.exceptions.OutOfMemoryError:
-            return n
-    raise AssertionError("the server never ran out of memory")
+    """Make the server refuse every write: junk, then ``maxmemory`` 1 MB below what is
+    used; how many junk keys it took.
+
+    Filling up to the limit would leave a few KB of room now and then (a refused
+    command's buffer is freed after the refusal, and idle clients' buffers shrink), so a
+    small store could still fit; 1 MB over the limit leaves none, and deleting the junk
+    makes room again."""
+    for n in range(JUNK_KEYS):
+        client.set(f"junk:{n}", JUNK)
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", used - 1024 * 1024)
+    return JUNK_KEYS
 
 
 @pytest.fixture
 def full(make_app: Any) -> Iterator[tuple[redis.Redis, Any, int]]:
     """A server at ``maxmemory`` with ``noeviction``, an app on it, and the junk count."""
-    with EmbeddedServer(args=["--maxmemory", "8mb", "--maxmemory-policy", "noeviction"]) as srv:
+    with EmbeddedServer(args=["--maxmemory-policy", "noeviction"]) as srv:
         client = redis.Redis(port=srv.port)
         app = make_app(backend=f"perkey://127.0.0.1:{srv.port}/0")
         yield client, app, _fill(client)
@@ -94,7 +102,7 @@ def test_a_wait_on_a_full_server_times_out_as_usual(full: tuple[redis.Redis, Any
 
 
 def test_read_once_takes_a_result_on_a_full_server(make_app: Any) -> None:
-    with EmbeddedServer(args=["--maxmemory", "8mb", "--maxmemory-policy", "noeviction"]) as srv:
+    with EmbeddedServer(args=["--maxmemory-policy", "noeviction"]) as srv:
         client = redis.Redis(port=srv.port)
         app = make_app(backend=f"perkey://127.0.0.1:{srv.port}/0", perkey_read_once=True)
         app.backend.store_result("t1", "taken", states.SUCCESS)
