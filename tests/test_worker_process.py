@@ -14,6 +14,8 @@ import pytest
 import redis
 from celery import chord, group
 
+from celery_perkey_backend.testing import EmbeddedServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,14 +52,18 @@ def test_subprocess_worker_round_trip(worker_process: Any, r: redis.Redis) -> No
     assert all(r.pttl(k) > 0 for k in keys)
 
 
-def test_beat_makes_no_subscription(server: Any, r: redis.Redis, tmp_path: Path) -> None:
-    env = dict(os.environ, PERKEY_TEST_PORT=str(server.port), PERKEY_TEST_BROKER="memory://")
-    r.config_resetstat()
-    # Logged once the task is published (the result backend sees it as sent).
-    _beat_until(tmp_path / "schedule", env, "w.mul sent. id->")
-    stats = r.info("commandstats")
-    assert not {"cmdstat_subscribe", "cmdstat_psubscribe", "cmdstat_ssubscribe"} & set(stats)
-    assert r.pubsub_channels() == []
+def test_beat_makes_no_subscription(tmp_path: Path) -> None:
+    # A server of its own: other tests' redis:// clients in this process may still hold
+    # channels on the shared one.
+    with EmbeddedServer() as own:
+        r = redis.Redis(port=own.port)
+        env = dict(os.environ, PERKEY_TEST_PORT=str(own.port), PERKEY_TEST_BROKER="memory://")
+        # Logged once the task is published (the result backend sees it as sent).
+        _beat_until(tmp_path / "schedule", env, "w.mul sent. id->")
+        stats = r.info("commandstats")
+        assert not {"cmdstat_subscribe", "cmdstat_psubscribe", "cmdstat_ssubscribe"} & set(stats)
+        assert r.pubsub_channels() == []
+        r.close()
 
 
 def _beat_until(schedule: Path, env: dict[str, str], marker: str, timeout: float = 90.0) -> str:
