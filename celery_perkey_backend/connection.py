@@ -474,12 +474,17 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
         ) from exc
     except redis.RedisError as exc:
         text = str(exc)
-        if text.startswith(("UNBLOCKED", "LOADING", "READONLY")):
+        # In a pipeline redis-py puts "Command # 2 (WAIT 1 1000) of pipeline caused
+        # error: " before the server's error; the server's code comes after it.
+        code = text.rpartition("of pipeline caused error: ")[2]
+        if isinstance(exc, redis.exceptions.ReadOnlyError) or code.startswith(
+            ("UNBLOCKED", "LOADING", "READONLY")
+        ):
             # A slot moved or a failover is under way: retry, as for a lost connection.
             raise BackendUnavailableError(
                 f"{where}: Redis at {mask_url(url)} is changing its topology: {exc}"
             ) from exc
-        if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
+        if code.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
             raise AccessDeniedError(
                 f"{where}: Redis at {mask_url(url)} refused access: {exc}"
             ) from exc

@@ -221,3 +221,22 @@ def test_a_backend_built_by_hand_shows_the_perkey_form() -> None:
         "<PerkeyBackend: perkey+rediss://:**@h:6380/0>"
     )
     assert PerkeyBackend(app=app).as_uri() == "perkey://localhost:6379/0"
+
+
+def test_a_server_error_inside_a_pipeline_is_classified_by_its_code(
+    make_app: Any, server: EmbeddedServer
+) -> None:
+    # A replica refuses the store script with READONLY, as a primary just demoted by a
+    # failover does. With perkey_min_replicas the store and its WAIT go as one
+    # pipeline, whose errors redis-py prefixes with "Command # 1 (…) of pipeline caused
+    # error:"; the code behind that prefix still makes it a retried, passing condition,
+    # not a final StoreCommandError.
+    with EmbeddedServer(args=["--replicaof", "127.0.0.1", str(server.port)]) as replica:
+        app = make_app(
+            backend=f"perkey://127.0.0.1:{replica.port}/0",
+            perkey_min_replicas=1,
+            result_backend_transport_options={"retry_policy": {"max_retries": 0}},
+        )
+        topology = r"changing its topology.*read only replica"
+        with pytest.raises(BackendUnavailableError, match=topology):
+            app.backend.store_result("t1", 1, states.SUCCESS)
