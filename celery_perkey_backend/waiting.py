@@ -466,7 +466,7 @@ class Steps:
                     raise _timed_out(self.watch.task_id) from item
                 raise item
             initial = isinstance(item, Initial)
-            record = item.record if isinstance(item, Initial) else item
+            record = item.record if initial else item
             self.started = self.started or initial
             stepped = stepped or not initial
             if on_record is not None:

@@ -162,15 +162,21 @@ def test_a_crashed_sweepers_lock_expires(no_ttl_app: Any, r: redis.Redis) -> Non
     assert sweep(backend).ttl_set == 1
 
 
-def test_lock_lost_midway_stops_the_sweep(no_ttl_app: Any, r: redis.Redis) -> None:
-    backend = no_ttl_app.backend
+def _sweep_losing_the_lock(backend: Any, r: redis.Redis, batch_size: int) -> Any:
+    """Sweep ten results without TTL while another sweeper takes the lock after the
+    first batch; the sweep's summary."""
     for i in range(10):
         backend.store_result(f"t{i}", i, states.SUCCESS)
 
     def steal(scanned: int, total: int) -> None:
         r.set(backend.layout.sweep_lock, "somebody else")
 
-    summary = sweep(backend, batch_size=2, progress=steal)
+    return sweep(backend, batch_size=batch_size, progress=steal)
+
+
+def test_lock_lost_midway_stops_the_sweep(no_ttl_app: Any, r: redis.Redis) -> None:
+    backend = no_ttl_app.backend
+    summary = _sweep_losing_the_lock(backend, r, batch_size=2)
     # It stopped after the first batch of two (one of them may be the lock key itself,
     # which is not counted: SCAN's order depends on the server).
     assert 1 <= summary.scanned <= 2
@@ -181,13 +187,7 @@ def test_a_batch_without_the_lock_touches_no_key(no_ttl_app: Any, r: redis.Redis
     # On one server the batch's own script checks the lock: once another sweeper holds
     # it, not one more key gets a TTL.
     backend = no_ttl_app.backend
-    for i in range(10):
-        backend.store_result(f"t{i}", i, states.SUCCESS)
-
-    def steal(scanned: int, total: int) -> None:
-        r.set(backend.layout.sweep_lock, "somebody else")
-
-    summary = sweep(backend, batch_size=3, progress=steal)
+    summary = _sweep_losing_the_lock(backend, r, batch_size=3)
     without_ttl = [k for k in r.keys(backend.layout.result("*")) if r.pttl(k) == -1]
     assert 1 <= summary.ttl_set <= 3
     assert len(without_ttl) == 10 - summary.ttl_set
