@@ -19,6 +19,7 @@ script pushes a small *notification* to every registered inbox as it writes a st
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
@@ -35,7 +36,7 @@ from .connection import (
     primaries,
     redis_errors,
 )
-from .errors import BackendUnavailableError, quote_id
+from .errors import BackendUnavailableError, PerkeyError, quote_id
 from .keys import KeyLayout
 from .scripts import Script
 from .settings import Settings
@@ -406,39 +407,89 @@ class ResultStore:
             return Record(task_id, fallback, replies[2], "fallback")
         return None
 
-    def read_ready(self, task_ids: Sequence[str], consume: bool = False) -> dict[str, Record]:
+    def read_ready(
+        self, task_ids: Sequence[str], consume: bool = False, token: str | None = None
+    ) -> dict[str, Record]:
         """The ready results among ``task_ids``, with the fallback keys of the rest.
 
         One id costs one command, and a second one for the fallback key only when
         there is no result of ours; many ids cost one pipelined round trip (per node).
         ``consume`` takes the results (read-once): of several readers exactly one gets
         each result.
+
+        A take survives a lost reply when its retries pass the same ``token`` (any
+        string unique to the take, e.g. a fresh ``uuid4().hex`` per wait): the take
+        keeps a copy of what it took (``KeyLayout.taken``) that a retry with the token
+        gets back. Once the reply is here the copies are deleted (best effort: they
+        expire after :meth:`taken_ttl_ms` anyway). Without a token, a take gets one of
+        its own, which no retry can know.
         """
+        if consume and token is None:
+            token = uuid.uuid4().hex
         if len(task_ids) == 1:
-            return self._read_one(task_ids[0], consume)
-        if not (consume and self.is_cluster):
-            return self._read_many(task_ids, consume, self.fallback is not None)
-        # A cluster pipeline refuses the take script: one pipeline per primary instead,
-        # then the fallback keys (in other slots) for what was not there.
-        by_node: dict[int, tuple[redis.Redis, list[str]]] = {}
-        with self.errors("read results"):
-            for task_id in task_ids:
-                node = node_client(self.client, self.layout.result(task_id))
-                by_node.setdefault(id(node), (node, []))[1].append(task_id)
-        found: dict[str, Record] = {}
-        for node, group in by_node.values():
-            found.update(self._read_many(group, True, False, on=node))
-        rest = [task_id for task_id in task_ids if task_id not in found]
-        if self.fallback is not None and rest:
-            found.update(self._read_many(rest, False, True))
+            found = self._read_one(task_ids[0], consume, token)
+        elif not (consume and self.is_cluster):
+            found = self._read_many(task_ids, consume, self.fallback is not None, token)
+        else:
+            # A cluster pipeline refuses the take script: one pipeline per primary
+            # instead, then the fallback keys (in other slots) for what was not there.
+            found = {}
+            for node, group in self._by_node(task_ids, "read results"):
+                found.update(self._read_many(group, True, False, token, on=node))
+            rest = [task_id for task_id in task_ids if task_id not in found]
+            if self.fallback is not None and rest:
+                found.update(self._read_many(rest, False, True))
+        if consume and token is not None:
+            self._drop_taken(found, token)
         return found
 
-    def _read_one(self, task_id: str, consume: bool) -> dict[str, Record]:
+    def taken_ttl_ms(self) -> int:
+        """How long a take's copy lives: a minute, plus twice the time a retry of the
+        take may come after its lost reply (the socket timeout, then the retry policy's
+        longest pause), so that even a retry whose reply is lost too has one more."""
+        retry_s = (self.settings.socket_timeout_s or 0.0) + self.settings.retry.max_pause_s
+        return int((60.0 + 2 * retry_s) * 1000)
+
+    def _take_call(self, task_id: str, token: str) -> tuple[list[Any], list[Any]]:
+        layout = self.layout
+        return scripts.TAKE.bind(
+            {
+                "result": layout.result(task_id),
+                "state": layout.state(task_id),
+                "taken": layout.taken(task_id, token),
+            },
+            {"taken_ttl_ms": self.taken_ttl_ms()},
+        )
+
+    def _drop_taken(self, found: dict[str, Record], token: str) -> None:
+        """Delete the copies of what a take got, now that its reply has come.
+
+        Best effort: a copy that stays expires (see :meth:`taken_ttl_ms`), and failing
+        here would only make the caller retry a take it already has the reply of.
+        """
+        doomed = [
+            self.layout.taken(task_id, token)
+            for task_id, record in found.items()
+            if record.kind == "ready"
+        ]
+        if not doomed:
+            return
+
+        def build(pipe: Any) -> None:
+            for key in doomed:
+                pipe.unlink(key)
+
+        try:
+            self._pipeline(build, "drop taken copies", doomed[0], raise_on_error=False)
+        except PerkeyError as exc:
+            logger.debug("perkey: taken copies left to expire (%s)", exc)
+
+    def _read_one(self, task_id: str, consume: bool, token: str | None) -> dict[str, Record]:
         rkey = self.layout.result(task_id)
         with self.errors(f"read result of task {quote_id(task_id)}", rkey):
-            if consume:
-                keys, _ = scripts.TAKE.bind({"result": rkey, "state": self.layout.state(task_id)})
-                element = self._eval(scripts.TAKE, keys, [])
+            if consume and token is not None:
+                keys, args = self._take_call(task_id, token)
+                element = self._eval(scripts.TAKE, keys, args)
             else:
                 element = self.client.lindex(rkey, 0)
         if element is not None:
@@ -456,16 +507,21 @@ class ResultStore:
         return None if value is None else Record(task_id, key, value, "fallback")
 
     def _read_many(
-        self, ids: Sequence[str], consume: bool, fallback: bool, on: Any = None
+        self,
+        ids: Sequence[str],
+        consume: bool,
+        fallback: bool,
+        token: str | None = None,
+        on: Any = None,
     ) -> dict[str, Record]:
         layout = self.layout
         pairs = [(task_id, layout.result(task_id)) for task_id in ids]
 
         def build(pipe: Any) -> None:
             for task_id, rkey in pairs:
-                if consume:
-                    keys, _ = scripts.TAKE.bind({"result": rkey, "state": layout.state(task_id)})
-                    self._queue(pipe, scripts.TAKE, keys, [])
+                if consume and token is not None:
+                    keys, args = self._take_call(task_id, token)
+                    self._queue(pipe, scripts.TAKE, keys, args)
                 else:
                     pipe.lindex(rkey, 0)
                 if fallback and self.fallback is not None:
