@@ -166,6 +166,12 @@ class KeyLayout:
     def inbox(self, name: str) -> str:
         return f"{self.prefix}i:{_tagged(name, 'inbox name')}"
 
+    @property
+    def inbox_prefix(self) -> str:
+        """What every inbox name starts with: an inbox is this, a name without braces
+        (:meth:`inbox` is only ever given such names), then ``}``."""
+        return f"{self.prefix}i:{{"
+
     def taken(self, task_id: str, token: str) -> str:
         """What a read-once take with ``token`` took of the task, kept for a retry of
         that take (see ``lua/take.lua``); in the task's hash slot."""

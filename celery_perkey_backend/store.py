@@ -269,6 +269,11 @@ class ResultStore:
         bool
             False when a stored SUCCESS was kept (it is final).
 
+        Nothing read back from the task's watchers set can fail a store: a member that
+        names no inbox of ours is never written to (and leaves the set), an inbox of
+        another type than a list is made a list again; either is logged as one warning
+        naming the task and the counts.
+
         Raises
         ------
         BackendUnavailableError
@@ -292,6 +297,7 @@ class ResultStore:
                 "push": "0" if cluster else "1",
                 "inline_max": INLINE_MAX,
                 "inbox_ttl_ms": INBOX_TTL_MS,
+                "inbox_prefix": layout.inbox_prefix,
             },
         )
         where = f"store result of task {quote_id(task_id)}"
@@ -321,23 +327,48 @@ class ResultStore:
             return reply
 
         reply = self.policy.call(once, f"store of task {quote_id(task_id)}")
-        if len(reply) > 1:
-            self._notify(reply[1], [_text(inbox) for inbox in reply[2:]], where)
-        return bool(reply[0])
+        if not reply[0]:
+            return False
+        skipped, repaired = int(reply[1]), int(reply[2])
+        if len(reply) > 3:
+            repaired += self._notify(reply[3], [_text(inbox) for inbox in reply[4:]], where)
+        if skipped or repaired:
+            _report_watchers(where, layout.watchers(task_id), skipped, repaired)
+        return True
 
-    def _notify(self, note: bytes, inboxes: list[str], where: str) -> None:
-        """Push a notification to inboxes in other slots (a cluster), in one round trip."""
+    def _notify(self, note: bytes, inboxes: list[str], where: str) -> int:
+        """Push a notification to inboxes in other slots (a cluster), in one round trip;
+        an inbox of another type than a list is made a list again. How many were.
+
+        Best effort: nothing here fails the store, whose result is written. A waiter
+        that misses its notification reads the result at its next check.
+        """
 
         def build(pipe: Any) -> None:
             for inbox in inboxes:
                 pipe.rpush(inbox, note)
                 pipe.pexpire(inbox, INBOX_TTL_MS)
 
-        # Best effort: a waiter that misses it reads the result at its next check.
+        def rebuild(pipe: Any) -> None:
+            for inbox in broken:
+                pipe.delete(inbox)
+                pipe.rpush(inbox, note)
+                pipe.pexpire(inbox, INBOX_TTL_MS)
+
+        broken: list[str] = []
+        what = f"{where}: notify its waiters"
         try:
-            self._pipeline(build, f"{where}: notify its waiters", inboxes[0])
-        except BackendUnavailableError as exc:
+            replies = self._pipeline(build, what, inboxes[0], raise_on_error=False)
+            broken = [
+                inbox
+                for inbox, pushed in zip(inboxes, replies[::2], strict=True)
+                if isinstance(pushed, redis.ResponseError)
+            ]
+            if broken:
+                self._pipeline(rebuild, what, broken[0])
+        except PerkeyError as exc:
             logger.warning("perkey: %s; its waiters will find it at their next check", exc)
+        return len(broken)
 
     def set(self, key: str, value: bytes | str, ttl_ms: int, what: str = "write") -> None:
         """SET a plain string key (a saved group), with a TTL unless 0; retried."""
@@ -1169,6 +1200,16 @@ class ResultStore:
                 info = node.info("clients")
                 found.append((str(name), {k: int(v) for k, v in info.items() if _whole(v)}))
         return found
+
+
+def _report_watchers(where: str, watchers: str, skipped: int, repaired: int) -> None:
+    """Say what a store found wrong among its task's watchers (see ``lua/store.lua``)."""
+    found = []
+    if skipped:
+        found.append(f"skipped {skipped} member(s) of {watchers!r} that name no inbox of ours")
+    if repaired:
+        found.append(f"replaced {repaired} inbox(es) of another type than a list")
+    logger.warning("perkey: %s: %s; the result is stored", where, " and ".join(found))
 
 
 def _text(key: bytes | str) -> str:
