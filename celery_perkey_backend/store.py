@@ -1171,10 +1171,13 @@ class ResultStore:
 
     def record_metrics(
         self, changes: Sequence[tuple[str, str, int | str]], stats: bytes = b"", stats_ms: int = 0
-    ) -> None:
+    ) -> list[str]:
         """Apply ``changes`` to the metrics hash in one atomic step: ``("+", field, n)``
         adds to a counter, ``("=", field, value)`` sets a field. ``stats`` (measured at
         server time ``stats_ms``) replaces the stored key metrics unless those are newer.
+
+        Returns the fields that held no number where one was needed: each was set anew
+        (see ``lua/metrics_record.lua``).
         """
         flat: list[Any] = [part for change in changes for part in change]
         keys, args = scripts.METRICS_RECORD.bind(
@@ -1182,7 +1185,8 @@ class ResultStore:
             {"stats_ms": stats_ms, "stats": stats, "changes": flat},
         )
         with self.errors("record metrics", self.layout.metrics):
-            self._eval(scripts.METRICS_RECORD, keys, args)
+            repaired = self._eval(scripts.METRICS_RECORD, keys, args)
+        return [_text(name) for name in repaired]
 
     def read_metrics(self) -> dict[str, bytes]:
         """Every field of the metrics hash."""

@@ -1,6 +1,7 @@
 """Nothing read back from the server is trusted: a watchers set naming keys that are no
-inboxes, an inbox written over with another type. The hostile data is written with a
-plain client; stores go through the backend, a real worker and a cluster."""
+inboxes, an inbox written over with another type, junk in the metrics hash. The hostile
+data is written with a plain client; stores go through the backend (and a real worker),
+the metrics through the exporter, the sweep and the CLI."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 import redis
 from celery import states
 
-from celery_perkey_backend.testing import LocalCluster
+from celery_perkey_backend.prometheus import render
+from celery_perkey_backend.testing import LocalCluster, free_port
 
-from .conftest import running_worker
+from .conftest import run_cli, running_worker, samples, value
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -118,3 +120,68 @@ def test_on_a_cluster_the_storing_client_pushes_only_to_inboxes_and_repairs_them
     warned = [line for line in _warnings(caplog) if "'t1'" in line]
     assert any("skipped 1 member(s)" in line for line in warned), warned
     assert any("replaced 1 inbox(es)" in line for line in warned), warned
+
+
+# -- the metrics hash -----------------------------------------------------------------
+
+
+@pytest.fixture
+def exporting(make_app: Any) -> Any:
+    app = make_app(perkey_prometheus_port=free_port())  # exporting on: sweeps are recorded
+    app.backend.store_result("t1", 1, states.SUCCESS)
+    app.backend.run_sweep()
+    return app
+
+
+def test_a_junk_metrics_field_is_reported_and_ignored(
+    exporting: Any, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = exporting.backend.layout.metrics
+    r.hset(metrics, "sweeps", "junk")
+    r.hset(metrics, "stats", '{"by_kind": "junk", "db_keys": 3}')
+    with caplog.at_level(logging.WARNING):
+        text = render(exporting.backend.store).decode()
+    assert value(text, "perkey_up") == 1
+    assert value(text, "perkey_sweeps_total") == 0  # the junk counter, ignored
+    assert value(text, "perkey_swept_keys_total", **{"class": "healthy"}) == 1
+    assert value(text, "perkey_db_keys") == 3
+    assert value(text, "perkey_keys", kind="result") == 0  # by_kind, ignored
+    assert samples(text)
+    warned = [line for line in _warnings(caplog) if "metrics hash" in line]
+    assert len(warned) == 1, _warnings(caplog)
+    assert "'sweeps'" in warned[0]
+    assert "'stats.by_kind'" in warned[0]
+
+
+def test_perkey_metrics_shows_the_rest_of_a_junk_hash(exporting: Any, r: redis.Redis) -> None:
+    r.hset(exporting.backend.layout.metrics, "last_sweep_ms", "junk")
+    result = run_cli(exporting, "metrics")
+    assert result.exit_code == 0, result.output
+    assert value(result.output, "perkey_sweeps_total") == 1
+    assert value(result.output, "perkey_last_sweep_timestamp_seconds") is None
+
+
+def test_a_sweep_never_fails_after_its_work_on_a_junk_metrics_hash(
+    exporting: Any, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = exporting.backend
+    metrics = backend.layout.metrics
+    r.hset(metrics, mapping={"sweeps": "junk", "swept:healthy": "1.5", "stats_ms": "junk"})
+    r.persist(backend.layout.result("t1"))
+    with caplog.at_level(logging.WARNING):
+        summary = backend.run_sweep()
+    assert summary.ttl_set == 1  # its work
+    assert r.pttl(backend.layout.result("t1")) > 0
+    # The junk counters were set anew, the key metrics recorded again.
+    assert r.hget(metrics, "sweeps") == b"1"
+    assert r.hget(metrics, "swept:healthy") == b"0"
+    assert int(r.hget(metrics, "stats_ms")) > 0
+    warned = [line for line in _warnings(caplog) if "metrics hash" in line]
+    assert any("'sweeps'" in line and "'swept:healthy'" in line for line in warned), warned
+    assert any("'stats_ms'" in line for line in warned), warned
+    # The hash of another type: the sweep still ends well, and says so.
+    r.delete(metrics)
+    r.set(metrics, "not a hash")
+    with caplog.at_level(logging.WARNING):
+        assert backend.run_sweep().scanned >= 1
+    assert any("not recorded for Prometheus" in line for line in _warnings(caplog))
