@@ -157,3 +157,23 @@ def test_the_sweep_and_stats_know_a_take_s_copy(app: Any, r: redis.Redis) -> Non
     assert summary.by_class["unexpected"] == 0
     assert summary.by_class["no_ttl"] == 1
     assert r.pttl(layout.taken("t1", "tok2")) > 0
+
+
+def test_while_a_take_s_retry_is_due_no_other_reader_gets_the_result(
+    make_app: Any, proxy: Proxy, r: redis.Redis
+) -> None:
+    app = _proxied_app(make_app, proxy)
+    assert app.AsyncResult("warm").state == states.PENDING  # the connection is up
+    make_app().backend.store_result("t1", "one-reader", states.SUCCESS)
+    proxy.drop_reply_if = _lone_reply_holding(b"one-reader")
+    outcome: list[Any] = []
+    thread = threading.Thread(target=lambda: outcome.append(app.AsyncResult("t1").get(timeout=10)))
+    thread.start()
+    # The server took it and the reply is lost; the taker retries once its read times out.
+    wait_until(lambda: proxy.drop_reply_if is None, "the take's reply was dropped")
+    other = make_app(perkey_read_once=True)
+    with pytest.raises(TimeoutError):
+        other.AsyncResult("t1").get(timeout=0.3)
+    thread.join(15)
+    assert outcome == ["one-reader"]
+    wait_until(lambda: r.dbsize() == 0, "nothing left behind")
