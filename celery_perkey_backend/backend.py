@@ -10,6 +10,7 @@ Adopted by configuration alone::
 from __future__ import annotations
 
 import functools
+import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -272,10 +273,13 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     def task_result_exists(self, task_id: str) -> bool:
         return self.store.read_state(str(task_id)) is not None
 
-    def _fetch_ready(self, task_ids: list[str], consume: bool) -> dict[str, Meta]:
-        """Every ready result among ``task_ids``, in one round trip (per node)."""
+    def _fetch_ready(
+        self, task_ids: list[str], consume: bool, token: str | None = None
+    ) -> dict[str, Meta]:
+        """Every ready result among ``task_ids``, in one round trip (per node); ``token``:
+        one for every retry of a read-once read (see ``ResultStore.read_ready``)."""
         found = {}
-        for task_id, record in self.store.read_ready(task_ids, consume).items():
+        for task_id, record in self.store.read_ready(task_ids, consume, token).items():
             meta = self.final(record)
             if meta is not None:
                 found[task_id] = meta
@@ -358,13 +362,14 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         cap: float | None = None,
     ) -> Meta:
         read_once = self.settings.read_once
+        token = uuid.uuid4().hex  # one for every retry of the first read's take
 
         def first() -> Meta | None:
             kept = self.prefetch.kept.pop(task_id, None)
             if kept is not None:
                 return kept
             others = [] if read_once else self.prefetch.others(task_id)
-            found = self._fetch_ready([task_id, *others], consume=read_once)
+            found = self._fetch_ready([task_id, *others], consume=read_once, token=token)
             return self.prefetch.keep(task_id, found)
 
         # Through the multiplexer, registering reads the task (and concurrent waits
@@ -399,7 +404,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         for tid, meta in self.waiter.each_ready(
             [tid for tid in ids if tid not in self._cache],
             Deadline(timeout),
-            functools.partial(self._fetch_ready, consume=read_once),
+            functools.partial(self._fetch_ready, consume=read_once, token=uuid.uuid4().hex),
             self.final,
             consume=read_once,
             on_step=on_interval,

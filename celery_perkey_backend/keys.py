@@ -11,6 +11,8 @@ key               type         holds
                                ...) behind the same header; gone once the task is ready
 ``w:{<id>}``      set          the inboxes of the processes waiting on the task
 ``i:{<name>}``    list         one process's inbox: notifications of stored states
+``k:{<id>}:<t>``  string       a read-once take's copy of what it took, for a retry of that
+                               take (token ``<t>``) whose reply was lost; short-lived
 ``p:{<id>}``      stream       intermediate states as versions before 0.2 kept them;
                                read by nothing, left to expire
 ``g:{<gid>}``     string       a saved ``GroupResult``
@@ -79,6 +81,7 @@ KIND_NAMES = {
     "p": "progress",
     "w": "watchers",
     "i": "inbox",
+    "k": "taken",
     "g": "group",
     "j": "chord",
     "n": "chord",
@@ -163,6 +166,17 @@ class KeyLayout:
     def inbox(self, name: str) -> str:
         return f"{self.prefix}i:{_tagged(name, 'inbox name')}"
 
+    @property
+    def inbox_prefix(self) -> str:
+        """What every inbox name starts with: an inbox is this, a name without braces
+        (:meth:`inbox` is only ever given such names), then ``}``."""
+        return f"{self.prefix}i:{{"
+
+    def taken(self, task_id: str, token: str) -> str:
+        """What a read-once take with ``token`` took of the task, kept for a retry of
+        that take (see ``lua/take.lua``); in the task's hash slot."""
+        return f"{self.prefix}k:{_tagged(task_id, 'task id')}:{token}"
+
     def legacy(self, task_id: str) -> str:
         return f"{self.legacy_prefix}{task_id}"
 
@@ -221,7 +235,7 @@ class KeyLayout:
         code = rest[:1]
         if rest[1:3] != ":{":
             return "x"
-        if code in "rswpig":
+        if code in "rswpigk":
             return code
         if code == "c" and len(rest) > 5 and rest[-2] == ":" and rest[-1] in _CHORD_CODES:
             return _CHORD_CODES[rest[-1]]

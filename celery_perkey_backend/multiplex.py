@@ -409,7 +409,18 @@ class Multiplexer:
         ids = self._drain(self._to_take)
         if not ids:
             return
-        taken = self.store.read_ready(ids, consume=True)
+        # One token for the take and its retries: a retry after a lost reply gets back
+        # what the lost attempt took. Past the retry policy the ids wait for the next
+        # round (what a lost attempt took then stays with it, until its copy expires).
+        token = uuid.uuid4().hex
+        try:
+            taken = self.store.policy.call(
+                lambda: self.store.read_ready(ids, consume=True, token=token), "take results"
+            )
+        except BackendUnavailableError:
+            with self._lock:
+                self._to_take.update(ids)
+            raise
         for task_id in ids:
             record = taken.get(task_id)
             self._deliver(

@@ -17,7 +17,9 @@ label each time (a kind whose keys are gone reads 0).
   (a rename), each from what Redis holds when it writes.
 
 Only our own series are shown (a registry of our own, without the ``process_*`` and
-``python_*`` collectors). If Redis cannot be read, only ``perkey_up 0`` is.
+``python_*`` collectors). If Redis cannot be read, only ``perkey_up 0`` is. The hash is
+read leniently: a field that holds what no exporter writes is left out and named in one
+warning, and the rest is shown. Recording never fails a sweep whose work is done.
 """
 
 from __future__ import annotations
@@ -111,23 +113,31 @@ def sweep_and_publish(
             _quietly(lambda: store.record_metrics([("+", "sweep_failures", 1)]), "a failure")
         raise
     if exporting(store) and not summary.skipped_locked and not summary.dry_run:
-        changes: list[tuple[str, str, int | str]] = [
-            ("+", "sweeps", 1),
-            ("+", "ttl_set", summary.ttl_set),
-            ("+", "unlinked", summary.unlinked),
-            ("=", "last_sweep_ms", store.server_time_ms()),
-            ("=", "last_sweep_duration_ms", round(summary.duration * 1000)),
-        ]
-        changes += [("+", f"swept:{cls}", n) for cls, n in summary.by_class.items()]
-        changes += [
-            ("+", f"chords:{outcome}", getattr(summary, f"chords_{outcome}"))
-            for outcome in CHORD_OUTCOMES
-        ]
-        store.record_metrics(changes)
-        record_stats(store)
-        if store.settings.prometheus_textfile:
-            write_textfile(store, store.settings.prometheus_textfile)
+        # The sweep's work is done: nothing here may make it fail.
+        try:
+            _record_sweep(store, summary)
+        except (PerkeyError, OSError, ValueError) as exc:
+            logger.warning("perkey: the sweep is done, but not recorded for Prometheus: %s", exc)
     return summary
+
+
+def _record_sweep(store: ResultStore, summary: SweepSummary) -> None:
+    changes: list[tuple[str, str, int | str]] = [
+        ("+", "sweeps", 1),
+        ("+", "ttl_set", summary.ttl_set),
+        ("+", "unlinked", summary.unlinked),
+        ("=", "last_sweep_ms", store.server_time_ms()),
+        ("=", "last_sweep_duration_ms", round(summary.duration * 1000)),
+    ]
+    changes += [("+", f"swept:{cls}", n) for cls, n in summary.by_class.items()]
+    changes += [
+        ("+", f"chords:{outcome}", getattr(summary, f"chords_{outcome}"))
+        for outcome in CHORD_OUTCOMES
+    ]
+    _report_repaired(store, store.record_metrics(changes))
+    record_stats(store)
+    if store.settings.prometheus_textfile:
+        write_textfile(store, store.settings.prometheus_textfile)
 
 
 def record_stats(store: ResultStore, stats: KeyStats | None = None) -> None:
@@ -135,7 +145,16 @@ def record_stats(store: ResultStore, stats: KeyStats | None = None) -> None:
     measured_ms = store.server_time_ms()
     stats = stats if stats is not None else collect_stats(store)
     payload = json.dumps(stats.as_dict()).encode()
-    store.record_metrics([], stats=payload, stats_ms=measured_ms)
+    _report_repaired(store, store.record_metrics([], stats=payload, stats_ms=measured_ms))
+
+
+def _report_repaired(store: ResultStore, fields: list[str]) -> None:
+    if fields:
+        logger.warning(
+            "perkey: the metrics hash %r held no number in field(s) %s; set anew",
+            store.layout.metrics,
+            ", ".join(repr(name) for name in fields),
+        )
 
 
 def _quietly(action: Callable[[], Any], what: str) -> None:
@@ -165,30 +184,81 @@ class _Collector:
             yield GaugeMetricFamily("perkey_up", "1 if Redis answered", value=0)
             return
         yield GaugeMetricFamily("perkey_up", "1 if Redis answered", value=1)
-        yield from _sweep_families(fields)
-        stats = _snapshot(fields)
-        if stats is not None:
-            yield from _stats_families(stats, int(fields["stats_ms"]))
+        numbers, stats = _parsed(self.store.layout.metrics, fields)
+        yield from _sweep_families(numbers)
+        if stats is not None and "stats_ms" in numbers:
+            yield from _stats_families(stats, numbers["stats_ms"])
         yield from _client_families(clients)
 
 
-def _snapshot(fields: dict[str, bytes]) -> dict[str, Any] | None:
-    """The stored key metrics, with a default for any figure a writer did not store
-    (another version of this package); ``None`` if there are none."""
+def _parsed(where: str, fields: dict[str, bytes]) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """The metrics hash read leniently: its counters and times, and the key metrics
+    (``None`` if there are none), with a default for any figure a writer did not store
+    (another version of this package). A field that cannot be read is left out, and
+    named in one warning: one junk field never hides the others."""
+    bad: list[str] = []
+    numbers: dict[str, int] = {}
+    for name, raw in fields.items():
+        if name == "stats":
+            continue
+        try:
+            numbers[name] = int(raw)
+        except ValueError:
+            bad.append(name)
+    stats = None
+    if "stats" in fields:
+        stats, wrong = _snapshot(fields["stats"])
+        bad += wrong
+    if bad:
+        logger.warning(
+            "perkey: ignored what the metrics hash %r holds in field(s) %s: not what "
+            "the exporter writes",
+            where,
+            ", ".join(repr(name) for name in bad),
+        )
+    return numbers, stats
+
+
+def _snapshot(raw: bytes) -> tuple[dict[str, Any] | None, list[str]]:
+    """The stored key metrics, each figure of the type :class:`KeyStats` gives it (a
+    default where not), and the names of the figures that were not."""
     try:
-        stored = json.loads(fields["stats"])
-        int(fields["stats_ms"])
-    except (KeyError, ValueError):
-        return None
-    defaults = KeyStats().as_dict()
-    return {name: stored.get(name, default) for name, default in defaults.items()}
+        stored = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None, ["stats"]
+    if not isinstance(stored, dict):
+        return None, ["stats"]
+    snapshot, wrong = {}, []
+    for name, default in KeyStats().as_dict().items():
+        value = stored.get(name, default)
+        if not _like(value, default):
+            wrong.append(f"stats.{name}")
+            value = default
+        snapshot[name] = value
+    return snapshot, wrong
 
 
-def _sweep_families(fields: dict[str, bytes]) -> Iterator[Any]:
+def _like(value: Any, default: Any) -> bool:
+    """Whether a stored figure has the shape of its default: a number (or ``None``
+    where the default is), a mapping of names to numbers, a list of names."""
+    if isinstance(default, dict):
+        return isinstance(value, dict) and all(_number(v) for v in value.values())
+    if isinstance(default, list):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    return _number(value) or (value is None and default is None)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _sweep_families(fields: dict[str, int]) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     def number(name: str) -> int:
-        return int(fields.get(name, b"0"))
+        return fields.get(name, 0)
 
     for name, field, doc in (
         ("perkey_sweeps", "sweeps", "Sweeps run (dry runs and skipped ones aside)"),

@@ -19,6 +19,7 @@ script pushes a small *notification* to every registered inbox as it writes a st
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
@@ -35,7 +36,7 @@ from .connection import (
     primaries,
     redis_errors,
 )
-from .errors import BackendUnavailableError, quote_id
+from .errors import BackendUnavailableError, PerkeyError, quote_id
 from .keys import KeyLayout
 from .scripts import Script
 from .settings import Settings
@@ -268,6 +269,11 @@ class ResultStore:
         bool
             False when a stored SUCCESS was kept (it is final).
 
+        Nothing read back from the task's watchers set can fail a store: a member that
+        names no inbox of ours is never written to (and leaves the set), an inbox of
+        another type than a list is made a list again; either is logged as one warning
+        naming the task and the counts.
+
         Raises
         ------
         BackendUnavailableError
@@ -291,6 +297,7 @@ class ResultStore:
                 "push": "0" if cluster else "1",
                 "inline_max": INLINE_MAX,
                 "inbox_ttl_ms": INBOX_TTL_MS,
+                "inbox_prefix": layout.inbox_prefix,
             },
         )
         where = f"store result of task {quote_id(task_id)}"
@@ -320,23 +327,48 @@ class ResultStore:
             return reply
 
         reply = self.policy.call(once, f"store of task {quote_id(task_id)}")
-        if len(reply) > 1:
-            self._notify(reply[1], [_text(inbox) for inbox in reply[2:]], where)
-        return bool(reply[0])
+        if not reply[0]:
+            return False
+        skipped, repaired = int(reply[1]), int(reply[2])
+        if len(reply) > 3:
+            repaired += self._notify(reply[3], [_text(inbox) for inbox in reply[4:]], where)
+        if skipped or repaired:
+            _report_watchers(where, layout.watchers(task_id), skipped, repaired)
+        return True
 
-    def _notify(self, note: bytes, inboxes: list[str], where: str) -> None:
-        """Push a notification to inboxes in other slots (a cluster), in one round trip."""
+    def _notify(self, note: bytes, inboxes: list[str], where: str) -> int:
+        """Push a notification to inboxes in other slots (a cluster), in one round trip;
+        an inbox of another type than a list is made a list again. How many were.
+
+        Best effort: nothing here fails the store, whose result is written. A waiter
+        that misses its notification reads the result at its next check.
+        """
 
         def build(pipe: Any) -> None:
             for inbox in inboxes:
                 pipe.rpush(inbox, note)
                 pipe.pexpire(inbox, INBOX_TTL_MS)
 
-        # Best effort: a waiter that misses it reads the result at its next check.
+        def rebuild(pipe: Any) -> None:
+            for inbox in broken:
+                pipe.delete(inbox)
+                pipe.rpush(inbox, note)
+                pipe.pexpire(inbox, INBOX_TTL_MS)
+
+        broken: list[str] = []
+        what = f"{where}: notify its waiters"
         try:
-            self._pipeline(build, f"{where}: notify its waiters", inboxes[0])
-        except BackendUnavailableError as exc:
+            replies = self._pipeline(build, what, inboxes[0], raise_on_error=False)
+            broken = [
+                inbox
+                for inbox, pushed in zip(inboxes, replies[::2], strict=True)
+                if isinstance(pushed, redis.ResponseError)
+            ]
+            if broken:
+                self._pipeline(rebuild, what, broken[0])
+        except PerkeyError as exc:
             logger.warning("perkey: %s; its waiters will find it at their next check", exc)
+        return len(broken)
 
     def set(self, key: str, value: bytes | str, ttl_ms: int, what: str = "write") -> None:
         """SET a plain string key (a saved group), with a TTL unless 0; retried."""
@@ -406,39 +438,89 @@ class ResultStore:
             return Record(task_id, fallback, replies[2], "fallback")
         return None
 
-    def read_ready(self, task_ids: Sequence[str], consume: bool = False) -> dict[str, Record]:
+    def read_ready(
+        self, task_ids: Sequence[str], consume: bool = False, token: str | None = None
+    ) -> dict[str, Record]:
         """The ready results among ``task_ids``, with the fallback keys of the rest.
 
         One id costs one command, and a second one for the fallback key only when
         there is no result of ours; many ids cost one pipelined round trip (per node).
         ``consume`` takes the results (read-once): of several readers exactly one gets
         each result.
+
+        A take survives a lost reply when its retries pass the same ``token`` (any
+        string unique to the take, e.g. a fresh ``uuid4().hex`` per wait): the take
+        keeps a copy of what it took (``KeyLayout.taken``) that a retry with the token
+        gets back. Once the reply is here the copies are deleted (best effort: they
+        expire after :meth:`taken_ttl_ms` anyway). Without a token, a take gets one of
+        its own, which no retry can know.
         """
+        if consume and token is None:
+            token = uuid.uuid4().hex
         if len(task_ids) == 1:
-            return self._read_one(task_ids[0], consume)
-        if not (consume and self.is_cluster):
-            return self._read_many(task_ids, consume, self.fallback is not None)
-        # A cluster pipeline refuses the take script: one pipeline per primary instead,
-        # then the fallback keys (in other slots) for what was not there.
-        by_node: dict[int, tuple[redis.Redis, list[str]]] = {}
-        with self.errors("read results"):
-            for task_id in task_ids:
-                node = node_client(self.client, self.layout.result(task_id))
-                by_node.setdefault(id(node), (node, []))[1].append(task_id)
-        found: dict[str, Record] = {}
-        for node, group in by_node.values():
-            found.update(self._read_many(group, True, False, on=node))
-        rest = [task_id for task_id in task_ids if task_id not in found]
-        if self.fallback is not None and rest:
-            found.update(self._read_many(rest, False, True))
+            found = self._read_one(task_ids[0], consume, token)
+        elif not (consume and self.is_cluster):
+            found = self._read_many(task_ids, consume, self.fallback is not None, token)
+        else:
+            # A cluster pipeline refuses the take script: one pipeline per primary
+            # instead, then the fallback keys (in other slots) for what was not there.
+            found = {}
+            for node, group in self._by_node(task_ids, "read results"):
+                found.update(self._read_many(group, True, False, token, on=node))
+            rest = [task_id for task_id in task_ids if task_id not in found]
+            if self.fallback is not None and rest:
+                found.update(self._read_many(rest, False, True))
+        if consume and token is not None:
+            self._drop_taken(found, token)
         return found
 
-    def _read_one(self, task_id: str, consume: bool) -> dict[str, Record]:
+    def taken_ttl_ms(self) -> int:
+        """How long a take's copy lives: a minute, plus twice the time a retry of the
+        take may come after its lost reply (the socket timeout, then the retry policy's
+        longest pause), so that even a retry whose reply is lost too has one more."""
+        retry_s = (self.settings.socket_timeout_s or 0.0) + self.settings.retry.max_pause_s
+        return int((60.0 + 2 * retry_s) * 1000)
+
+    def _take_call(self, task_id: str, token: str) -> tuple[list[Any], list[Any]]:
+        layout = self.layout
+        return scripts.TAKE.bind(
+            {
+                "result": layout.result(task_id),
+                "state": layout.state(task_id),
+                "taken": layout.taken(task_id, token),
+            },
+            {"taken_ttl_ms": self.taken_ttl_ms()},
+        )
+
+    def _drop_taken(self, found: dict[str, Record], token: str) -> None:
+        """Delete the copies of what a take got, now that its reply has come.
+
+        Best effort: a copy that stays expires (see :meth:`taken_ttl_ms`), and failing
+        here would only make the caller retry a take it already has the reply of.
+        """
+        doomed = [
+            self.layout.taken(task_id, token)
+            for task_id, record in found.items()
+            if record.kind == "ready"
+        ]
+        if not doomed:
+            return
+
+        def build(pipe: Any) -> None:
+            for key in doomed:
+                pipe.unlink(key)
+
+        try:
+            self._pipeline(build, "drop taken copies", doomed[0], raise_on_error=False)
+        except PerkeyError as exc:
+            logger.debug("perkey: taken copies left to expire (%s)", exc)
+
+    def _read_one(self, task_id: str, consume: bool, token: str | None) -> dict[str, Record]:
         rkey = self.layout.result(task_id)
         with self.errors(f"read result of task {quote_id(task_id)}", rkey):
-            if consume:
-                keys, _ = scripts.TAKE.bind({"result": rkey, "state": self.layout.state(task_id)})
-                element = self._eval(scripts.TAKE, keys, [])
+            if consume and token is not None:
+                keys, args = self._take_call(task_id, token)
+                element = self._eval(scripts.TAKE, keys, args)
             else:
                 element = self.client.lindex(rkey, 0)
         if element is not None:
@@ -456,16 +538,21 @@ class ResultStore:
         return None if value is None else Record(task_id, key, value, "fallback")
 
     def _read_many(
-        self, ids: Sequence[str], consume: bool, fallback: bool, on: Any = None
+        self,
+        ids: Sequence[str],
+        consume: bool,
+        fallback: bool,
+        token: str | None = None,
+        on: Any = None,
     ) -> dict[str, Record]:
         layout = self.layout
         pairs = [(task_id, layout.result(task_id)) for task_id in ids]
 
         def build(pipe: Any) -> None:
             for task_id, rkey in pairs:
-                if consume:
-                    keys, _ = scripts.TAKE.bind({"result": rkey, "state": layout.state(task_id)})
-                    self._queue(pipe, scripts.TAKE, keys, [])
+                if consume and token is not None:
+                    keys, args = self._take_call(task_id, token)
+                    self._queue(pipe, scripts.TAKE, keys, args)
                 else:
                     pipe.lindex(rkey, 0)
                 if fallback and self.fallback is not None:
@@ -1084,10 +1171,13 @@ class ResultStore:
 
     def record_metrics(
         self, changes: Sequence[tuple[str, str, int | str]], stats: bytes = b"", stats_ms: int = 0
-    ) -> None:
+    ) -> list[str]:
         """Apply ``changes`` to the metrics hash in one atomic step: ``("+", field, n)``
         adds to a counter, ``("=", field, value)`` sets a field. ``stats`` (measured at
         server time ``stats_ms``) replaces the stored key metrics unless those are newer.
+
+        Returns the fields that held no number where one was needed: each was set anew
+        (see ``lua/metrics_record.lua``).
         """
         flat: list[Any] = [part for change in changes for part in change]
         keys, args = scripts.METRICS_RECORD.bind(
@@ -1095,7 +1185,8 @@ class ResultStore:
             {"stats_ms": stats_ms, "stats": stats, "changes": flat},
         )
         with self.errors("record metrics", self.layout.metrics):
-            self._eval(scripts.METRICS_RECORD, keys, args)
+            repaired = self._eval(scripts.METRICS_RECORD, keys, args)
+        return [_text(name) for name in repaired]
 
     def read_metrics(self) -> dict[str, bytes]:
         """Every field of the metrics hash."""
@@ -1113,6 +1204,16 @@ class ResultStore:
                 info = node.info("clients")
                 found.append((str(name), {k: int(v) for k, v in info.items() if _whole(v)}))
         return found
+
+
+def _report_watchers(where: str, watchers: str, skipped: int, repaired: int) -> None:
+    """Say what a store found wrong among its task's watchers (see ``lua/store.lua``)."""
+    found = []
+    if skipped:
+        found.append(f"skipped {skipped} member(s) of {watchers!r} that name no inbox of ours")
+    if repaired:
+        found.append(f"replaced {repaired} inbox(es) of another type than a list")
+    logger.warning("perkey: %s: %s; the result is stored", where, " and ".join(found))
 
 
 def _text(key: bytes | str) -> str:

@@ -30,6 +30,7 @@ import functools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
@@ -273,8 +274,21 @@ class Waiter:
         step_cap = self.cap if cap is None else min(cap, self.cap)
         overran = [False]
         backoff = _Backoff(deadline)
+        # Read-once: one token for every take of this wait, and a take under way until
+        # its reply is here. A step retried after a take's lost reply takes again with
+        # the token (and gets back what the lost one took) instead of blocking on a list
+        # that the lost take emptied.
+        token, taking = uuid.uuid4().hex, [False]
+
+        def take() -> Record | None:
+            taking[0] = True
+            record = store.read_ready([task_id], consume=True, token=token).get(task_id)
+            taking[0] = False
+            return record
 
         def step() -> Record | None:
+            if taking[0]:
+                return take()
             try:
                 record = store.block_ready(task_id, deadline.block_for(step_cap))
             except ServerFullError as exc:
@@ -295,7 +309,7 @@ class Waiter:
             overran[0] = False
             if consume and record is not None and record.kind == "ready":
                 # Woken by the rotation; the take decides which reader gets it.
-                return store.read_ready([task_id], consume=True).get(task_id)
+                return take()
             return record
 
         return step

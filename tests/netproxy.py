@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 
 from celery_perkey_backend.testing import free_port
 
@@ -33,6 +34,9 @@ class Proxy:
         self.blackholed = False
         #: Drop this many replies (server-to-client chunks), then forward again.
         self.drop_replies = 0
+        #: Drop the next reply (server-to-client chunk) that this says yes to, then
+        #: forward again: a lost reply to one command chosen by what it answers.
+        self.drop_reply_if: Callable[[bytes], bool] | None = None
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -66,6 +70,8 @@ class Proxy:
                 if replies and self.drop_replies > 0:
                     self.drop_replies -= 1
                     continue
+                if replies and self._drop_chosen(data):
+                    continue
                 sink.sendall(data)
         except OSError:
             pass
@@ -73,6 +79,14 @@ class Proxy:
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
                     sock.close()
+
+    def _drop_chosen(self, data: bytes) -> bool:
+        with self._lock:
+            chosen = self.drop_reply_if
+            if chosen is None or not chosen(data):
+                return False
+            self.drop_reply_if = None
+            return True
 
     def cut(self) -> None:
         """Close every connection now; new ones are still accepted."""

@@ -198,10 +198,11 @@ keys, args = scripts.STORE.bind(
     {"result": layout.result(sys.argv[2]), "state": layout.state(sys.argv[2]),
      "watchers": layout.watchers(sys.argv[2])},
     {"letter": "S", "payload": payload, "ttl_ms": 60000, "task_id": sys.argv[2],
-     "push": "0", "inline_max": 4096, "inbox_ttl_ms": 60000},
+     "push": "0", "inline_max": 4096, "inbox_ttl_ms": 60000,
+     "inbox_prefix": layout.inbox_prefix},
 )
 reply = redis.Redis.from_url(sys.argv[3]).eval(scripts.STORE.source, len(keys), *keys, *args)
-assert len(reply) > 1, reply  # stored; the notification is the caller's to push...
+assert len(reply) > 3, reply  # stored; the notification is the caller's to push...
 os.kill(os.getpid(), signal.SIGKILL)  # ...and the caller dies first
 """
 
@@ -234,12 +235,12 @@ def test_a_registration_deleted(make_app: Any, own: Any, fast_checks: None, mode
         {"result": layout.result("t1"), "state": layout.state("t1"),
          "watchers": layout.watchers("t1")},
         {"letter": "S", "payload": payload, "ttl_ms": 60000, "task_id": "t1", "push": "1",
-         "inline_max": INLINE_MAX, "inbox_ttl_ms": 60000},
+         "inline_max": INLINE_MAX, "inbox_ttl_ms": 60000, "inbox_prefix": layout.inbox_prefix},
     )  # fmt: skip
     with client.pipeline(transaction=True) as pipe:
         pipe.delete(layout.watchers("t1"))
         pipe.eval(scripts.STORE.source, len(keys), *keys, *args)
-        assert pipe.execute()[1] == [1]  # stored, and nobody to notify
+        assert pipe.execute()[1] == [1, 0, 0]  # stored, and nobody to notify
     assert waiting.result() == "read, not notified"
 
 

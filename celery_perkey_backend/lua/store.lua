@@ -2,7 +2,7 @@
 -- that registered for it.
 --
 -- KEYS: result, state, watchers
--- ARGV: letter, payload, ttl_ms, task_id, push, inline_max, inbox_ttl_ms
+-- ARGV: letter, payload, ttl_ms, task_id, push, inline_max, inbox_ttl_ms, inbox_prefix
 --
 -- result        the task's result list: one element once the task is ready
 -- state         the task's latest intermediate state (STARTED, RETRY, PROGRESS, ...)
@@ -15,9 +15,15 @@
 --               keys are not declared, which only a cluster forbids); "0": return them
 -- inline_max    the largest stored element a notification carries along
 -- inbox_ttl_ms  the TTL an inbox gets with each notification
+-- inbox_prefix  what every inbox name of ours starts with (KeyLayout.inbox_prefix); an
+--               inbox name is that, then a name without braces, then "}"
 --
--- Returns {0} when a stored SUCCESS was kept; {1} when stored (and any notifications
--- pushed); {1, notification, inbox, ...} when stored and the caller must push it.
+-- Returns {0} when a stored SUCCESS was kept; {1, skipped, repaired} when stored (and any
+-- notifications pushed); {1, skipped, repaired, notification, inbox, ...} when stored
+-- and the caller must push it. skipped: members of the watchers set that are no inbox
+-- of ours (they are never pushed to, and are taken out of the set); repaired: inboxes
+-- that held another type than a list (a key written over one), replaced by a list
+-- holding the notification. Neither can fail the store, whose writes come first.
 --
 -- A stored SUCCESS is final, as in Celery's own backends. A ready state replaces the
 -- list's one element and gets its TTL before the script returns, so a waiter never
@@ -58,12 +64,27 @@ else
     redis.call('SET', skey, element)
   end
 end
-local inboxes = redis.call('SMEMBERS', wkey)
-if #inboxes == 0 then
-  return {1}
+local members = redis.call('SMEMBERS', wkey)
+if #members == 0 then
+  return {1, 0, 0}
+end
+-- Only names of our inboxes: a member naming any other key (another task's result)
+-- must never be written to.
+local prefix = ARGV[8]
+local inboxes, skipped = {}, 0
+for _, member in ipairs(members) do
+  if string.sub(member, 1, #prefix) == prefix and string.find(member, '^[^{}]+}$', #prefix + 1) then
+    inboxes[#inboxes + 1] = member
+  else
+    skipped = skipped + 1
+    redis.call('SREM', wkey, member)
+  end
 end
 if kind == 'R' then
   redis.call('DEL', wkey)
+end
+if #inboxes == 0 then
+  return {1, skipped, 0}
 end
 local note = string.len(tid) .. ':' .. tid
 if string.len(element) <= inline_max then
@@ -72,12 +93,18 @@ else
   note = string.lower(kind) .. note
 end
 if push == '1' then
+  local repaired = 0
   for _, inbox in ipairs(inboxes) do
-    redis.call('RPUSH', inbox, note)
+    if type(redis.pcall('RPUSH', inbox, note)) ~= 'number' then
+      -- Not a list: a key written over the inbox. It is ours: make it one again.
+      redis.call('DEL', inbox)
+      redis.call('RPUSH', inbox, note)
+      repaired = repaired + 1
+    end
     redis.call('PEXPIRE', inbox, inbox_ttl)
   end
-  return {1}
+  return {1, skipped, repaired}
 end
-local reply = {1, note}
+local reply = {1, skipped, 0, note}
 for _, inbox in ipairs(inboxes) do reply[#reply + 1] = inbox end
 return reply

@@ -3,13 +3,14 @@
 -- so no script parses key names.
 
 -- When a key was last written, in server ms, or -1 when the key does not say: the
--- header of a result or of an intermediate state, a progress stream's newest entry id
--- (streams are what versions before 0.2 kept intermediate states in).
+-- header of a result, of a take's copy of one or of an intermediate state, a progress
+-- stream's newest entry id (streams are what versions before 0.2 kept intermediate
+-- states in).
 local function stamp(key, kind, code)
   local v
   if kind == 'list' and code == 'r' then
     v = redis.call('LINDEX', key, 0)
-  elseif kind == 'string' and code == 's' then
+  elseif kind == 'string' and (code == 's' or code == 'k') then
     v = redis.call('GET', key)
   end
   if v then
@@ -50,7 +51,7 @@ end
 -- The Redis types each kind of key of ours may have.
 local expected = {
   r = {list = true}, s = {string = true}, p = {stream = true}, w = {set = true},
-  i = {list = true}, g = {string = true}, j = {zset = true, list = true},
+  i = {list = true}, k = {string = true}, g = {string = true}, j = {zset = true, list = true},
   n = {string = true}, c = {string = true}, t = {string = true}, d = {set = true},
   b = {string = true},
 }
