@@ -64,6 +64,7 @@ CORE_TESTS = [
     "tests/test_canvas.py",
     "tests/test_legacy.py",
     "tests/test_sweep.py",
+    "tests/test_acl.py",
     "-m",
     "not slow",
     "-k",

@@ -46,7 +46,7 @@ from .errors import (
     quote_id,
 )
 from .settings import RetrySettings, Settings
-from .urls import mask_url
+from .urls import mask_url, redact
 
 __all__ = [
     "READ_MARGIN",
@@ -297,7 +297,9 @@ def client_for(settings: Settings) -> redis.Redis:
             try:
                 client = _build(settings)
             except (ValueError, TypeError, redis.RedisError, RedisClusterException) as exc:
-                raise ConfigurationError(f"result_backend {shown!r}: {exc}") from None
+                # The parsers' errors may quote a piece of the URL.
+                why = redact(str(exc), settings.url, url)
+                raise ConfigurationError(f"result_backend {shown!r}: {why}") from None
             _clients[ident] = client
     return client
 
@@ -459,21 +461,26 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
     """
     try:
         yield
+    # Every message names the URL masked; what redis-py says is redacted of its secrets.
     except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
-        raise AccessDeniedError(f"{where}: Redis at {mask_url(url)} refused access: {exc}") from exc
+        said = redact(str(exc), url)
+        raise AccessDeniedError(
+            f"{where}: Redis at {mask_url(url)} refused access: {said}"
+        ) from exc
     except MaxConnectionsError as exc:
         raise PoolExhaustedError(f"{where}: {exc}") from exc
     except RETRYABLE as exc:
         tls = _tls_failure(exc)
+        said = redact(str(exc if tls is None else tls), url)
         if tls is not None:
             raise AccessDeniedError(
-                f"{where}: the TLS handshake with {mask_url(url)} failed: {tls}"
+                f"{where}: the TLS handshake with {mask_url(url)} failed: {said}"
             ) from exc
         raise BackendUnavailableError(
-            f"{where}: Redis at {mask_url(url)} is unavailable: {exc}"
+            f"{where}: Redis at {mask_url(url)} is unavailable: {said}"
         ) from exc
     except redis.RedisError as exc:
-        text = str(exc)
+        text = redact(str(exc), url)
         # In a pipeline redis-py puts "Command # 2 (WAIT 1 1000) of pipeline caused
         # error: " before the server's error; the server's code comes after it.
         code = text.rpartition("of pipeline caused error: ")[2]
@@ -482,11 +489,11 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
         ):
             # A slot moved or a failover is under way: retry, as for a lost connection.
             raise BackendUnavailableError(
-                f"{where}: Redis at {mask_url(url)} is changing its topology: {exc}"
+                f"{where}: Redis at {mask_url(url)} is changing its topology: {text}"
             ) from exc
         if code.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
             raise AccessDeniedError(
-                f"{where}: Redis at {mask_url(url)} refused access: {exc}"
+                f"{where}: Redis at {mask_url(url)} refused access: {text}"
             ) from exc
         about = f" (key {quote_id(key)})" if key else ""
         if isinstance(exc, redis.exceptions.OutOfMemoryError):

@@ -299,10 +299,11 @@ def glob_escape(text: str) -> str:
 # -- least privilege ------------------------------------------------------------------
 
 #: Every command the backend, its scripts, the sweep, ``stats()`` and redis-py's
-#: connection handshake run. An ACL user limited to these and to our keys runs it all.
+#: connection handshake run (but those of :data:`ACL_SUBCOMMANDS_SINCE`).
+#: An ACL user limited to these and to our keys runs it all.
 ACL_COMMANDS = (
     # connection
-    "hello", "auth", "client|setinfo", "client|setname", "ping", "select",
+    "hello", "auth", "client|setname", "ping", "select",
     # results and waits
     "evalsha", "eval", "script|load", "script|exists", "lindex", "rpush", "rpop", "lrange", "llen",
     "blmove", "brpoplpush", "blpop", "lpop", "get", "set", "del", "unlink", "exists",
@@ -313,17 +314,58 @@ ACL_COMMANDS = (
 )  # fmt: skip
 
 
-def acl_rules(layout: KeyLayout) -> str:
+#: Subcommands that redis-py's connection handshake tries, by the ``redis_version``
+#: (``INFO server``) that brought them, ``None`` for none of the servers we support
+#: (Valkey reports ``redis_version`` 7.2.4). redis-py ignores their failure, so a user
+#: without these rules still connects: a rule only spares the server a refused command
+#: (and an ``ACL LOG`` entry) per connection.
+ACL_SUBCOMMANDS_SINCE: dict[str, tuple[int, int] | None] = {
+    "client|setinfo": (7, 2),
+    "client|maint_notifications": None,  # redis-py 8 under RESP3
+}
+
+#: From this version on, a server refuses a rule that names a subcommand it does not
+#: know (Redis 7.0 refuses ``+client|setinfo``); before it, any subcommand is taken.
+_CHECKS_SUBCOMMANDS = (7, 0)
+
+
+def acl_rules(layout: KeyLayout, server_version: str | None = None) -> str:
     """The ``ACL SETUSER`` rules for a least-privilege backend user.
 
     It may touch only our keys, plus the legacy ``celery-task-meta-*`` and
     ``celery-taskset-meta-*`` keys that reads fall back to during a switch from
     ``redis://`` (drop those patterns when ``perkey_legacy_fallback`` is off).
+
+    Parameters
+    ----------
+    server_version:
+        The server's ``redis_version`` (``INFO server``). Without it, the rules are
+        those every supported server accepts (Redis 6.2 and later, Valkey); with it,
+        they also allow the handshake's subcommands that this server takes a rule for
+        (:data:`ACL_SUBCOMMANDS_SINCE`).
     """
     patterns = " ".join(
         f"~{glob_escape(prefix)}*"
         for prefix in (layout.prefix, layout.legacy_prefix, layout.legacy_group_prefix)
     )
+    commands = list(ACL_COMMANDS)
+    if server_version is not None:
+        known = _version(server_version)
+        commands += [
+            name
+            for name, since in ACL_SUBCOMMANDS_SINCE.items()
+            if known < _CHECKS_SUBCOMMANDS or (since is not None and known >= since)
+        ]
     return f"resetkeys {patterns} resetchannels -@all " + " ".join(
-        f"+{command}" for command in ACL_COMMANDS
+        f"+{command}" for command in commands
     )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"7.0.15"`` as ``(7, 0, 15)``; a part that is not a number ends it."""
+    parts: list[int] = []
+    for part in text.strip().split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)

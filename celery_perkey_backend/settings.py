@@ -263,8 +263,8 @@ class Settings:
     the one every message names (masked); ``redis_url`` is what redis-py connects to.
     """
 
-    url: str
-    redis_url: str
+    url: str = field(repr=False)  # secrets: shown only through urls.mask_url
+    redis_url: str = field(repr=False)
     key_prefix: str
     legacy_prefix: str
     legacy_group_prefix: str
@@ -293,8 +293,8 @@ class Settings:
     prometheus_refresh_s: float
     multiplex: bool | None
     socket_timeout_s: float | None
-    connection_options: Mapping[str, Any] = field(default_factory=dict)
-    transport_options: Mapping[str, Any] = field(default_factory=dict)
+    connection_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    transport_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def chord_result_expires_s(self) -> float | None:

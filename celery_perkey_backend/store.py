@@ -1129,7 +1129,7 @@ class ResultStore:
             if other is not None:
                 pipe.get(other)
 
-        replies = self._pipeline(build, f"restore group {group_id!r}", ours)
+        replies = self._pipeline(build, f"restore group {quote_id(group_id)}", ours)
         value = replies[0] if replies[0] is not None else (replies[1] if other else None)
         return cast("bytes | None", value)
 
@@ -1138,7 +1138,7 @@ class ResultStore:
         doomed = [self.layout.group(group_id)]
         if self.group_fallback is not None:
             doomed.append(self.group_fallback(group_id))
-        self._delete_each(doomed, f"delete group {group_id!r}")
+        self._delete_each(doomed, f"delete group {quote_id(group_id)}")
 
     def peek(
         self, node: redis.Redis, names: Sequence[str], values: bool = False

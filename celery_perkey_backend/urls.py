@@ -7,11 +7,20 @@ URL goes through :func:`mask_url`.
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .errors import ConfigurationError
 
-__all__ = ["CERT_REQS", "DEFAULT_URL", "display_url", "mask_url", "to_redis_url"]
+__all__ = [
+    "CERT_REQS",
+    "DEFAULT_URL",
+    "MASK",
+    "display_url",
+    "mask_url",
+    "redact",
+    "secrets_of",
+    "to_redis_url",
+]
 
 #: Where a backend built without a URL connects.
 DEFAULT_URL = "redis://localhost:6379/0"
@@ -42,25 +51,163 @@ _VALID_FORMS = (
     "or perkey+sentinel://"
 )
 
-_SECRET_QUERY_ARGS = {"password", "sentinel_password"}
+#: A query argument whose name holds one of these carries a secret: redis-py passes any
+#: argument it does not parse on to the connection (``password``, ``ssl_password``,
+#: Celery's ``sentinel_password``...).
+_SECRET_ARG_WORDS = ("password", "passwd", "secret", "token", "credential")
+
+#: The shown stand-in of a secret.
+MASK = "**"
+
+#: What separates the nodes of a URL, by scheme (as ``connection`` reads them).
+_NODE_SEPARATORS = {"sentinel": ";", "cluster": ","}
+
+# The grammar below reads one node of a URL: an optional scheme (each ``sentinel://``
+# of Celery's multi-Sentinel form repeats it), optional userinfo, a host (a name, an
+# address, ``[v6]``, or nothing before a socket path) and a port; then a path, a query
+# and the next node or the end. A password may hold any of ``/ ? # @ : ; ,`` unencoded,
+# so the userinfo is the shortest text before an ``@`` after which the rest reads
+# well: a path never holds an ``@``, nor does a query argument's name. A userinfo never
+# holds ``://`` (that would take in the next node's scheme), and a user (before the
+# first ``:``) holds no ``/ ? #``: ``h/0?password=x@y`` is a host and a query.
+_USERINFO = r"(?P<userinfo>[^:/?#]*?(?::(?:(?!://).)*?)?)@"
+_HOST = r"(?P<host>(?:\[[^\]@/]*\]|[^\[\]/?#@;,:\s]*)(?::[0-9]*)?)"
+
+
+def _node_pattern(sep: str, userinfo_first: bool) -> re.Pattern[str]:
+    """One node, then (looking ahead) a path, a query, and ``sep`` or the end; read
+    with userinfo where that reads well, or only where it must."""
+    not_sep = re.escape(sep)
+    path = rf"(?:[/#][^@?{not_sep}]*)?"
+    pair = rf"(?:[^=&@]*=[^&]*|[^=&@{not_sep}]*)"
+    query = rf"(?:\?{pair}(?:&{pair})*)?"
+    after = rf"(?:{re.escape(sep)}|$)" if sep else "$"
+    return re.compile(
+        rf"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)?(?:{_USERINFO}){'?' if userinfo_first else '??'}"
+        rf"{_HOST}(?={path}{query}{after})",
+        re.DOTALL,
+    )
+
+
+_NODES = {
+    (sep, first): _node_pattern(sep, first)
+    for sep in ("", *_NODE_SEPARATORS.values())
+    for first in (True, False)
+}
+
+# A secret query argument, and its value up to the next ``&`` (an unencoded ``;``,
+# ``,`` or ``#`` in it is taken as part of it).
+_SECRET_ARG = re.compile(
+    r"(?<=[?&])[^=&]*(?:" + "|".join(_SECRET_ARG_WORDS) + r")[^=&]*=(?P<value>[^&]*)",
+    re.IGNORECASE,
+)
+
+#: Characters that split a URL: a secret's pieces between them are redacted too.
+_URL_SEPARATORS = re.compile(r"[/?#@:;,&=%\[\]]")
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``**``, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:**@", url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}:**@{hostinfo}" if colon else f"{userinfo}@{hostinfo}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "**" if k in _SECRET_QUERY_ARGS else v) for k, v in pairs])
-    return _unsplit(parts.scheme, netloc, parts.path, query)
+    """Return ``url`` with every secret replaced by ``**``, for messages and logs.
+
+    Every URL form the backend takes: one host or many (Celery's
+    ``sentinel://:pw@h:1;sentinel://:pw@h:2/0``, ``cluster://:pw@h1:1,:pw@h2:2/0``),
+    ``user:password@`` and ``:password@`` (each node's), passwords holding unencoded
+    ``/ ? # @ : ; ,``, and secret query arguments (``?password=``,
+    ``sentinel_password=``, ``ssl_password=``...). Hosts, ports, users, the database
+    and other arguments stay as written. Where a URL cannot be read as one of these
+    forms, everything after its scheme is masked: more is hidden, never less.
+    """
+    return "".join(_masked(url)[0])
+
+
+def secrets_of(url: str) -> list[str]:
+    """Every secret :func:`mask_url` hides in ``url``, as written and decoded."""
+    found: dict[str, None] = {}
+    for secret in _masked(url)[1]:
+        found.update(dict.fromkeys((secret, unquote(secret))))
+    return [secret for secret in found if secret]
+
+
+def redact(text: str, *urls: str) -> str:
+    """``text`` (an error's message) without any of the secrets of ``urls``.
+
+    The text of an error that redis-py or the standard library raised about a URL may
+    quote a piece of it (``Port could not be cast to integer value as 'pa'``, for a
+    password ``pa/ss`` that the URL parser took for a host and a path). Each secret, and
+    each of its pieces between the characters that split a URL, is replaced by ``**``.
+    """
+    pieces: set[str] = set()
+    for secret in (secret for url in urls for secret in secrets_of(url)):
+        pieces.add(secret)
+        pieces.update(piece for piece in _URL_SEPARATORS.split(secret) if len(piece) > 1)
+    for piece in sorted(pieces, key=len, reverse=True):
+        text = text.replace(piece, MASK)
+    return text
+
+
+def _masked(url: str) -> tuple[list[str], list[str]]:
+    """The pieces of the masked ``url``, and the secrets it leaves out.
+
+    A URL may read two ways: ``h:1/0?password=x@y`` is a host and a query, or a user
+    ``h`` with a password ``1/0?password=x`` at host ``y``. It is read with userinfo
+    wherever that reads well, and again only where it must; when the two readings
+    disagree on its secrets, everything after the scheme is hidden.
+    """
+    shown, secrets = _read(url, userinfo_first=True)
+    other = _read(url, userinfo_first=False)[1]
+    if other == secrets:
+        return shown, secrets
+    scheme, has_scheme, rest = url.partition("://")
+    return [scheme + has_scheme if has_scheme else "", MASK], [rest or url, *secrets, *other]
+
+
+def _read(url: str, userinfo_first: bool) -> tuple[list[str], list[str]]:
+    """The pieces of the masked ``url``, and the secrets it leaves out, read one way."""
+    shown: list[str] = []
+    secrets: list[str] = []
+    scheme, has_scheme, _ = url.partition("://")
+    sep = _NODE_SEPARATORS.get(scheme.rpartition("+")[2].lower(), "") if has_scheme else ""
+    pattern = _NODES[sep, userinfo_first]
+    pos, end = 0, len(url)
+    while True:
+        node = pattern.match(url, pos)
+        if node is None or (pos == 0 and has_scheme and node.group("scheme") is None):
+            # Not a form we know: hide everything after the scheme.
+            start = len(scheme) + 3 if has_scheme and pos == 0 else pos
+            shown += [url[pos:start], MASK] if start < end else [url[pos:]]
+            secrets.append(url[start:])
+            return shown, secrets
+        shown.append(node.group("scheme") or "")
+        userinfo = node.group("userinfo")
+        if userinfo is not None:
+            user, colon, password = userinfo.partition(":")
+            shown.append(f"{user}:{MASK}@" if colon else f"{userinfo}@")
+            secrets.append(password)
+        shown.append(node.group("host"))
+        pos = node.end()
+        if pos < end and url[pos] == sep:
+            shown.append(sep)
+            pos += 1
+            continue
+        # The path and the query, with secret arguments masked, up to the next node.
+        while pos < end:
+            cut = url.find(sep, pos) if sep else -1
+            stop = end if cut == -1 else cut
+            arg = _SECRET_ARG.search(url, pos, stop)
+            if arg is None:
+                shown.append(url[pos:stop])
+                pos = stop
+                break
+            # The value runs to the next "&", past any separator.
+            value = arg.start("value")
+            amp = url.find("&", value)
+            shown.append(url[pos:value] + MASK)
+            pos = end if amp == -1 else amp
+            secrets.append(url[value:pos])
+        if pos == end:
+            return shown, secrets
+        shown.append(sep)
+        pos += 1
 
 
 def _unsplit(scheme: str, netloc: str, path: str, query: str) -> str:
