@@ -49,14 +49,17 @@ class Lost:
         self.broker = redis.Redis(port=server.port, db=1)
         self.logs = logs
         self.workers: list[Any] = []
+        self.tag = "lost"
 
     def worker(self, concurrency: int) -> None:
         env = {"PERKEY_TEST_BACKEND": self.url, "PERKEY_TEST_HOLD_STORE": "1"}
         options = ("--pool=prefork", f"--concurrency={concurrency}")
         self.workers.append(celery_worker(self.server, env, *options, log=self.logs / "worker.log"))
 
-    def send(self, tag: str, victim: int) -> tuple[Any, list[str]]:
-        """Send ``w.mul(i, 1)`` for i < 3 and a counting body; hold header ``victim``."""
+    def send(self, victim: int) -> tuple[Any, list[str]]:
+        """Send ``w.mul(i, 1)`` for i < 3 and a body that counts its runs; hold header
+        task ``victim``."""
+        tag = self.tag
         ids = [f"{tag}-h{i}" for i in range(3)]
         self.side.set("hold", ids[victim])
         header = [self.app.signature("w.mul", args=(i, 1)).set(task_id=ids[i]) for i in range(3)]
@@ -103,13 +106,13 @@ def assert_the_chord_agrees(lost: Lost, result: Any, ids: list[str], victim: int
         if index != victim:
             assert lost.app.AsyncResult(tid).get(timeout=WAIT_S) == index
     wait_until(lost.quiet, "the worker to have nothing left to run", WAIT_S)
-    assert lost.side.get("body-runs:lost") is None
+    assert lost.side.get(f"body-runs:{lost.tag}") is None
 
 
 def test_a_header_task_lost_first_fails_the_body(lost: Lost) -> None:
     """The killed task's failure is reported before the other parts are counted."""
     lost.worker(concurrency=1)  # the held child blocks the rest of the header
-    result, ids = lost.send("lost", victim=0)
+    result, ids = lost.send(victim=0)
     os.kill(lost.held(), signal.SIGKILL)
     assert_the_chord_agrees(lost, result, ids, victim=0)
 
@@ -118,7 +121,7 @@ def test_a_header_task_lost_after_the_others_returned_fails_the_body(lost: Lost)
     """The other parts complete the count, and return, while the killed task's part is
     counted but its SUCCESS not stored: nothing may publish the body yet."""
     lost.worker(concurrency=2)
-    result, ids = lost.send("lost", victim=1)
+    result, ids = lost.send(victim=1)
     pid = lost.held()
     lost.returned(ids[0], ids[2])
     os.kill(pid, signal.SIGKILL)
