@@ -3,14 +3,26 @@
 Each header task's result is counted, once, by one script on the chord's own keys (all
 in the group's hash slot), *before* the result itself is stored: Celery acknowledges a
 task whose worker died after storing its result, so that task is never run again, and
-its part must already count. The call that completes the count claims the body with a
-deadline, builds its arguments, records "publishing", publishes it, then records it
-published ("done"), so that a late duplicate cannot start it again.
+its part must already count. Until the task reports it (``on_chord_part_return``, after
+the store) the part is *in flight*: its worker may still die before the store, and the
+worker's main process then records the task as FAILURE (``WorkerLostError``) and
+reports that. A reported failure replaces the value counted in flight, and the body is
+claimed only once no part is in flight, so the body fails with ``ChordError`` whenever
+a header task ends as FAILURE, as with Celery's ``redis://``.
 
-A claimer can die at any of these steps. Past the claim's deadline, a redelivered
-header task or the sweep (:meth:`ChordCoordinator.repair`) takes the claim over: at
-once when the claimer never recorded "publishing" (the body was never sent), and after
-looking for the body's result or progress when it had (the body may be in the broker).
+The call that completes the count of reported parts claims the body with a deadline,
+builds its arguments, records "publishing", publishes it, then records it published
+("done"), so that a late duplicate cannot start it again. A part in flight whose task
+has stored its result meanwhile is settled with what was stored by whichever reporter
+finds it.
+
+A claimer can die at any of these steps, and a part can stay in flight for good (its
+worker died after the store, or the whole worker died before it). Past the claim's
+deadline, a redelivered header task or the sweep (:meth:`ChordCoordinator.repair`)
+takes the claim over, settling each part still in flight from what its task stored
+(the value it was counted with if it stored nothing): at once when the claimer never
+recorded "publishing" (the body was never sent), and after looking for the body's
+result or progress when it had (the body may be in the broker).
 So a body is published at least once, and twice only when its publisher died between
 the broker accepting it and the backend recording it, and the body left no trace before
 the takeover.
@@ -30,8 +42,8 @@ from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult, allow_join_result
 
-from .errors import quote_id
-from .store import ChordTally, ResultStore
+from .errors import CorruptResultError, quote_id
+from .store import ChordTally, Record, ResultStore
 
 __all__ = ["ChordCoordinator", "body_task_ids"]
 
@@ -125,9 +137,16 @@ class ChordCoordinator:
             self._record(request, state, result, take=False)
 
     def part_returned(self, request: Any, state: str, result: Any) -> None:
-        """Count one header result; the call that completes the chord runs its body."""
+        """Count one header result; the call that completes the chord runs its body.
+
+        A failure replaces the value the part was counted with before its store (its
+        worker died before storing it: the store never happened).
+        """
         token = uuid.uuid4().hex
-        tally = self._record(request, state, result, take=True, token=token)
+        final = state in states.PROPAGATE_STATES
+        tally = self._record(request, state, result, take=True, token=token, final=final)
+        if tally is not None and tally.in_flight:
+            tally = self._settle(request.group, token, lost=False) or tally
         if tally is None or not (tally.claimed or tally.stale is not None):
             return
         group_id = request.group
@@ -137,14 +156,37 @@ class ChordCoordinator:
         self._dispatch(group_id, callback, token, tally.total)
 
     def _record(
-        self, request: Any, state: str, result: Any, take: bool, token: str = ""
+        self,
+        request: Any,
+        state: str,
+        result: Any,
+        take: bool,
+        token: str = "",
+        final: bool = False,
     ) -> ChordTally | None:
         task_id, group_id = request.id, request.group
         if not task_id or not group_id or not getattr(request, "chord", None):
             return None
-        backend, settings = self.backend, self.store.settings
         index = "+inf" if request.group_index is None else request.group_index
-        value = backend.encode([1, task_id, state, backend.encode_result(result, state)])
+        value = self._encode_part(task_id, state, result)
+        return self._part(group_id, task_id, value, index, take, token, final)
+
+    def _encode_part(self, task_id: str, state: str, result: Any) -> bytes:
+        backend = self.backend
+        encoded: bytes = backend.encode([1, task_id, state, backend.encode_result(result, state)])
+        return encoded
+
+    def _part(
+        self,
+        group_id: str,
+        task_id: str,
+        value: bytes,
+        index: str | int,
+        take: bool,
+        token: str = "",
+        final: bool = False,
+    ) -> ChordTally:
+        settings = self.store.settings
         return self.store.chord_part(
             group_id,
             task_id,
@@ -155,7 +197,39 @@ class ChordCoordinator:
             self._claim_ttl_ms,
             token or uuid.uuid4().hex,
             take=take,
+            final=final,
         )
+
+    def _settle(self, group_id: str, token: str, lost: bool) -> ChordTally | None:
+        """Report the parts in flight whose tasks have stored a result, with what they
+        stored (a failure included); with ``lost``, also the others, with the value
+        they were counted with (their tasks are taken as lost: past the claim's
+        deadline). Returns the last report's tally, ``None`` when none was made."""
+        parts = self.store.chord_in_flight(group_id)
+        if not parts:
+            return None
+        found = self.store.read_ready(sorted({task_id for task_id, _ in parts}))
+        tally: ChordTally | None = None
+        for (task_id, index), counted in parts.items():
+            meta = self._stored(found.get(task_id))
+            if meta is not None:
+                value = self._encode_part(task_id, meta["status"], meta["result"])
+                tally = self._part(group_id, task_id, value, index, True, token, final=True)
+            elif lost:
+                tally = self._part(group_id, task_id, counted, index, True, token)
+        return tally
+
+    def _stored(self, record: Record | None) -> dict[str, Any] | None:
+        """The ready meta of a stored record; ``None`` if there is none, or it is
+        unreadable (the part then keeps the value it was counted with)."""
+        if record is None:
+            return None
+        try:
+            meta: dict[str, Any] | None = self.backend.final(record)
+        except CorruptResultError as exc:
+            logger.warning("Chord part %s: %s", quote_id(record.task_id), exc)
+            return None
+        return meta
 
     # -- publishing the body ----------------------------------------------------------
 
@@ -169,6 +243,7 @@ class ChordCoordinator:
         error: ChordError | None = None
         values: list[Any] = []
         try:
+            self._settle(group_id, token, lost=True)
             values = self._header_values(group_id, total)
         except ChordError as exc:
             error = exc

@@ -20,6 +20,8 @@ key               type         holds
 ``c:{<gid>}:s``   string       a chord's size
 ``c:{<gid>}:t``   string       members added to a running chord (``add_to_chord``)
 ``c:{<gid>}:d``   set          header results already counted (duplicate deliveries)
+``c:{<gid>}:f``   hash         header results counted before they were stored, until their
+                               tasks report them (``on_chord_part_return``)
 ``c:{<gid>}:c``   string       who publishes the body, and by when (see :mod:`.chords`), then
                                "done"
 ``c:{<gid>}:b``   string       the body's task id and signature, for a repair
@@ -89,14 +91,15 @@ KIND_NAMES = {
     "c": "chord",
     "t": "chord",
     "b": "chord",
+    "f": "chord",
     "x": "unknown",
 }
 
 #: The kind code of each chord key, by the letter its name ends in.
-_CHORD_CODES = {"j": "j", "s": "n", "d": "d", "c": "c", "t": "t", "b": "b"}
+_CHORD_CODES = {"j": "j", "s": "n", "d": "d", "c": "c", "t": "t", "b": "b", "f": "f"}
 
 #: The chord parts whose data is gone once the chord's size key is: "leftovers".
-CHORD_DATA_PARTS = frozenset("jdtb")
+CHORD_DATA_PARTS = frozenset("jdtbf")
 
 _SWEEP_LOCK = "lock:sweep"
 _METRICS = "metrics"
@@ -125,6 +128,7 @@ class ChordKeys(NamedTuple):
     claim: str
     added: str
     body: str
+    flight: str
 
     def named(self) -> dict[str, str]:
         """The keys by name, as the chord scripts take them."""
@@ -207,6 +211,7 @@ class KeyLayout:
             claim=chord(group_id, "c"),
             added=chord(group_id, "t"),
             body=chord(group_id, "b"),
+            flight=chord(group_id, "f"),
         )
 
     @property
@@ -243,7 +248,7 @@ class KeyLayout:
 
     def chord_group(self, name: str) -> str | None:
         """The group id of a chord key of ours; ``None`` for any other key."""
-        if self.kind_of(name) not in {"j", "n", "d", "c", "t", "b"}:
+        if self.kind_of(name) not in {"j", "n", "d", "c", "t", "b", "f"}:
             return None
         # "{<id>}", or "{<sha1>}<id>" for an id that holds a brace (see _tagged).
         tagged = name[len(self.prefix) + 2 : -2]
@@ -258,7 +263,8 @@ class KeyLayout:
         return glob_escape(self.prefix) + "c:{*:c"
 
     def chord_size_key(self, name: str, kind: str | None = None) -> str | None:
-        """For a chord data key (results, counted, added), its chord's size key.
+        """For a chord data key (results, counted, added, body, in flight), its chord's
+        size key.
 
         ``kind``: the key's :meth:`kind_of`, when the caller has it already.
         """

@@ -121,13 +121,16 @@ class Probe(NamedTuple):
 class ChordTally(NamedTuple):
     """What recording one chord part found: results so far, the total expected (-1
     while the size is not set, or once the chord is done), whether this call holds the
-    claim on the body, and ``stale``: the claim value of a claimer that was publishing
-    the body and is past its deadline (look for the body before taking it over)."""
+    claim on the body, ``stale``: the claim value of a claimer that was publishing
+    the body and is past its deadline (look for the body before taking it over), and
+    ``in_flight``: the header is complete, but parts counted before their store have
+    not been reported yet (their tasks may still fail)."""
 
     parts: int
     total: int
     claimed: bool
     stale: bytes | None = None
+    in_flight: bool = False
 
 
 class ChordStall(NamedTuple):
@@ -766,12 +769,17 @@ class ResultStore:
         claim_ttl_ms: int,
         token: str,
         take: bool = True,
+        final: bool = False,
     ) -> ChordTally:
         """Record one header result, once per task and index, and maybe claim the body.
 
-        With ``take`` false it only records (and marks a complete chord as waiting for
-        a claimer, with a deadline of ``claim_ttl_ms``). A retry with the same
-        ``token`` is safe: the part counts once and finds its own claim.
+        With ``take`` false the result is about to be stored: it counts at once, in
+        flight (and a complete chord is marked as waiting for a claimer, with a deadline
+        of ``claim_ttl_ms``). With ``take`` the task reports it: a part in flight is
+        settled, with ``value`` if ``final`` (the part's final result: a failure, or
+        what its task stored), else with the value it was counted with; the body is
+        claimed once no part is in flight (``in_flight`` says when some are). A retry
+        with the same ``token`` is safe: the part counts once and finds its own claim.
         """
         chord = self.layout.chord_keys(group_id)
         keys, args = scripts.CHORD_PART.bind(
@@ -782,6 +790,7 @@ class ResultStore:
                 "claim": chord.claim,
                 "added": chord.added,
                 "group": self.layout.group(group_id),
+                "flight": chord.flight,
             },
             {
                 "task_id": task_id,
@@ -793,16 +802,31 @@ class ResultStore:
                 "claim_ttl_ms": claim_ttl_ms,
                 "take": "1" if take else "0",
                 "token": token,
+                "final": "1" if final else "0",
             },
         )
 
         def once() -> ChordTally:
             with self.errors(f"chord part of {quote_id(group_id)}", chord.results):
                 count, total, status, seen = self._eval(scripts.CHORD_PART, keys, args)
-            stale = seen if int(status) == 2 else None
-            return ChordTally(int(count), int(total), int(status) == 1, stale)
+            status = int(status)
+            stale = seen if status == 2 else None
+            return ChordTally(int(count), int(total), status == 1, stale, status == 3)
 
         return self.policy.call(once, f"chord part of {quote_id(group_id)}")
+
+    def chord_in_flight(self, group_id: str) -> dict[tuple[str, str], bytes]:
+        """The parts of a chord counted before their store and not reported since: the
+        value each was counted with, by task id and header index (``"+inf"`` for none)."""
+        flight = self.layout.chord_keys(group_id).flight
+        with self.errors(f"read chord {quote_id(group_id)}", flight):
+            fields = cast("dict[bytes, bytes]", self.client.hgetall(flight))
+        parts: dict[tuple[str, str], bytes] = {}
+        for field, value in fields.items():
+            task_id, sep, index = field.decode("utf-8").rpartition(":")
+            if sep and value:
+                parts[(task_id, index)] = value
+        return parts
 
     def chord_values(self, group_id: str, total: int) -> list[bytes]:
         """The header results of a chord, in header order (or arrival order)."""
@@ -987,6 +1011,7 @@ class ResultStore:
                 "size": chord.size,
                 "claim": chord.claim,
                 "added": chord.added,
+                "flight": chord.flight,
             },
             {
                 "ordered": "1" if self.settings.chord_ordered else "0",

@@ -167,3 +167,62 @@ def _install_chord_kill() -> None:
 
 if os.environ.get("PERKEY_TEST_CHORD_HOOKS"):
     _install_chord_kill()
+
+
+# -- chord agreement tests (tests/test_chord_agreement.py) ----------------------------
+#
+# With PERKEY_TEST_HOLD_STORE set, the pool child about to store the SUCCESS of the task
+# whose id the side channel's "hold" key names records its pid under "held" and blocks
+# there until the test SIGKILLs it. With perkey:// that is after the task was counted
+# as a chord part; with redis:// it is the same moment, before the write. Each header
+# task whose on_chord_part_return has finished is added to the "returned" set.
+
+
+def _install_store_hold() -> None:
+    from celery import states
+    from celery.backends.redis import RedisBackend
+
+    from celery_perkey_backend.backend import PerkeyBackend
+    from celery_perkey_backend.store import ResultStore
+
+    side = side_channel()
+
+    def hold(task_id: str) -> None:
+        if task_id.encode() == side.get("hold"):
+            side.set("held", os.getpid())
+            while True:  # until SIGKILLed
+                side.blpop(["never"], timeout=1)
+
+    write = ResultStore.write
+
+    def held_write(self, task_id, letter, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if letter == "S":
+            hold(task_id)
+        return write(self, task_id, letter, *args, **kwargs)
+
+    set_with_state = RedisBackend._set_with_state
+
+    def held_set(self, key, value, state):  # type: ignore[no-untyped-def]
+        name, prefix = (
+            k.decode() if isinstance(k, bytes) else k for k in (key, self.task_keyprefix)
+        )
+        if state == states.SUCCESS and name.startswith(prefix):
+            hold(name[len(prefix) :])
+        return set_with_state(self, key, value, state)
+
+    def recorded(returned):  # type: ignore[no-untyped-def]
+        def on_chord_part_return(self, request, *args, **kwargs):  # type: ignore[no-untyped-def]
+            outcome = returned(self, request, *args, **kwargs)
+            side.sadd("returned", request.id)
+            return outcome
+
+        return on_chord_part_return
+
+    ResultStore.write = held_write  # type: ignore[method-assign]
+    RedisBackend._set_with_state = held_set  # type: ignore[method-assign]
+    for backend in (PerkeyBackend, RedisBackend):
+        backend.on_chord_part_return = recorded(backend.on_chord_part_return)  # type: ignore[method-assign]
+
+
+if os.environ.get("PERKEY_TEST_HOLD_STORE"):
+    _install_store_hold()

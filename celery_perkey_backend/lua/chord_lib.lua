@@ -2,11 +2,13 @@
 --
 -- A chord's claim key says who publishes the body and by when, as
 -- "<state>|<token>|<deadline ms>", then "done" once the body is published:
---   O  the header is complete and nobody has claimed the body yet
+--   O  the header is complete and nobody has claimed the body yet: a header task
+--      that reports its result claims it once no part counted in flight is left
 --   C  a worker (token) is building the body's arguments
 --   P  that worker is publishing the body: it may be in the broker already
 -- Past its deadline a claim may be taken over: O and C at once (the body was never
--- sent), P only after the caller found no trace of the body having run.
+-- sent; parts still in flight are settled from what their tasks stored), P only after
+-- the caller found no trace of the body having run.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -25,17 +27,19 @@ local function claim_value(state, token, deadline)
   return state .. '|' .. token .. '|' .. string.format('%d', deadline)
 end
 
--- Header results counted so far, and the total expected (nil while the size is unset).
-local function tally(results, size, added, ordered)
-  local count
+-- Header results reported so far, those counted in flight (before their store, see
+-- chord_part), and the total expected (nil while the size is unset).
+local function tally(results, size, added, ordered, flight)
+  local reported
   if ordered == '1' then
-    count = redis.call('ZCARD', results)
+    reported = redis.call('ZCARD', results)
   else
-    count = redis.call('LLEN', results)
+    reported = redis.call('LLEN', results)
   end
+  local pending = tonumber(redis.call('HGET', flight, '#') or '0')
   local expected = redis.call('GET', size)
-  if not expected then return count, nil end
-  return count, tonumber(expected) + tonumber(redis.call('GET', added) or '0')
+  if not expected then return reported, pending, nil end
+  return reported, pending, tonumber(expected) + tonumber(redis.call('GET', added) or '0')
 end
 
 -- SET with the chord's TTL (0: none) for a new claim key, keeping it for an old one.

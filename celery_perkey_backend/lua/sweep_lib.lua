@@ -53,5 +53,5 @@ local expected = {
   r = {list = true}, s = {string = true}, p = {stream = true}, w = {set = true},
   i = {list = true}, k = {string = true}, g = {string = true}, j = {zset = true, list = true},
   n = {string = true}, c = {string = true}, t = {string = true}, d = {set = true},
-  b = {string = true},
+  b = {string = true}, f = {hash = true},
 }
