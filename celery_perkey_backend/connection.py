@@ -54,6 +54,7 @@ __all__ = [
     "blocking_call",
     "bounded_by",
     "client_for",
+    "deadline_in_force",
     "node_client",
     "primaries",
     "redis_errors",
@@ -103,6 +104,11 @@ def bounded_by(deadline: Deadline) -> Iterator[None]:
         yield
     finally:
         _deadline.reset(token)
+
+
+def deadline_in_force() -> Deadline | None:
+    """The deadline that :func:`bounded_by` put in force here, if any."""
+    return _deadline.get()
 
 
 def _left() -> float | None:
