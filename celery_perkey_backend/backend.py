@@ -337,10 +337,9 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     ) -> Any:
         self._ensure_not_eager()
         task_id = str(result.id)
-        # Started by our result's get(), the deadline is in force already.
+        # Started by our result's get(), the deadline is in force already. A result with
+        # parents has them checked (on_interval, under the deadline) once a second.
         deadline = Deadline(timeout).sooner(deadline_in_force())
-        # A result with parents has them checked (on_interval) at least once a second;
-        # each check runs under the deadline.
         cap = PARENT_CHECK if getattr(result, "parent", None) is not None else None
 
         def wait() -> Meta:

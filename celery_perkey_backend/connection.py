@@ -19,7 +19,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -339,8 +339,14 @@ def _build(settings: Settings) -> redis.Redis:
         if not master:
             raise ValueError("a sentinel:// backend needs master_name in its transport options")
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            nodes, sentinel_kwargs=transport.get("sentinel_kwargs"), **auth, **options
+            nodes, sentinel_kwargs=_sentinel_kwargs(transport, options), **auth, **options
         )
+        for client in sentinel.sentinels:
+            # Discovery runs while connecting, under the deadline in force: bounded.
+            node_pool = client.connection_pool
+            node_pool.connection_class = _BOUNDED.get(
+                node_pool.connection_class, node_pool.connection_class
+            )
         pool_options: dict[str, Any] = {
             "connection_pool_class": QueueingSentinelPool,
             "connection_class": BoundedSentinelSSLConnection if tls else BoundedSentinelConnection,
@@ -366,6 +372,24 @@ def _build(settings: Settings) -> redis.Redis:
     pool = QueueingPool.from_url(url, **options)
     pool.queue_timeout = queue_timeout
     return redis.Redis(connection_pool=pool)
+
+
+#: The bounded connection class for each of redis-py's.
+_BOUNDED: dict[type[Any], type[Any]] = {
+    redis.Connection: BoundedConnection,
+    redis.SSLConnection: BoundedSSLConnection,
+    redis.UnixDomainSocketConnection: BoundedUnixConnection,
+}
+
+
+def _sentinel_kwargs(transport: Mapping[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The options of the clients that ask the Sentinels: ``sentinel_kwargs`` from the
+    transport options, else the ``socket_*`` options (redis-py's own default), and
+    never redis-py's retries (each Sentinel is asked once per attempt of the policy)."""
+    given = transport.get("sentinel_kwargs")
+    if given is None:
+        given = {key: value for key, value in options.items() if key.startswith("socket_")}
+    return {**given, "retry": _NO_RETRY}
 
 
 def _hosts(url: str, separator: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:

@@ -20,6 +20,7 @@ from celery import chain, states
 from celery.exceptions import TimeoutError
 
 from celery_perkey_backend import aio
+from celery_perkey_backend.testing import free_port
 
 from .netproxy import Proxy
 
@@ -41,9 +42,7 @@ def _timed(call: Any) -> tuple[BaseException | None, float]:
 def stalled_chain(make_app: Any, server: Any, request: Any) -> Iterator[tuple[Proxy, Any, Any]]:
     """A chain sent (no worker runs it), and the backend's link then blackholed."""
     proxy = Proxy(server.port)
-    app = make_app(
-        backend=f"perkey://127.0.0.1:{proxy.port}/0", perkey_multiplex=request.param
-    )
+    app = make_app(backend=f"perkey://127.0.0.1:{proxy.port}/0", perkey_multiplex=request.param)
     result = chain(app.tasks["t.add"].s(1, 1), app.tasks["t.add"].s(2)).apply_async()
     assert result.parent is not None
     app.backend.store_result("warm", 1, states.SUCCESS)  # a pooled connection exists
@@ -132,3 +131,35 @@ def test_aio_refuses_a_nan_timeout(app: Any, how: str) -> None:
 def test_a_timeout_that_is_no_number_is_refused(app: Any, bad: Any) -> None:
     with pytest.raises(TypeError, match="timeout must be a number of seconds"):
         app.AsyncResult("never-stored").get(timeout=bad)
+
+
+@pytest.fixture
+def proxies(server: Any) -> Iterator[list[Proxy]]:
+    made: list[Proxy] = []
+    yield made
+    for proxy in made:
+        proxy.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("down", ["refusing", "blackholed"])
+def test_get_with_every_sentinel_down(
+    make_app: Any, server: Any, proxies: list[Proxy], count: int, down: str
+) -> None:
+    """Discovery runs without redis-py's own retries, bounded by the wait's deadline:
+    Sentinels that refuse connections, or take them and never answer."""
+    ports = []
+    for _ in range(count):
+        if down == "refusing":
+            ports.append(free_port())  # nothing listens there
+        else:
+            proxy = Proxy(server.port)
+            proxy.blackholed = True
+            proxies.append(proxy)
+            ports.append(proxy.port)
+    url = "perkey+" + ";".join(f"sentinel://127.0.0.1:{port}" for port in ports) + "/0"
+    app = make_app(backend=url, result_backend_transport_options={"master_name": "mymaster"})
+    error, elapsed = _timed(lambda: app.AsyncResult("t1").get(timeout=2))
+    assert isinstance(error, TimeoutError), repr(error)
+    assert elapsed < 2 + SLACK
