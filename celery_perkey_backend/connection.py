@@ -69,7 +69,7 @@ T = TypeVar("T")
 READ_MARGIN = 0.5
 
 #: Lost connections, and errors of a cluster whose slots move or whose primaries fail
-#: over: all retried.
+#: over: all retried (a redirection only on a cluster URL: see :func:`redis_errors`).
 RETRYABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -462,7 +462,9 @@ def blocking_call(client: redis.Redis, key: str, seconds: float, *args: Any) -> 
 
 
 @contextmanager
-def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]:
+def redis_errors(
+    where: str, url: str, key: str | None = None, cluster: bool = False
+) -> Iterator[None]:
     """Translate redis-py exceptions into this package's, naming what failed.
 
     Parameters
@@ -473,9 +475,15 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
         The backend URL as the user wrote it; its password is masked.
     key:
         The key involved, if there is one.
+    cluster:
+        Whether the URL is a cluster URL. On one, a redirection (MOVED, ASK) is a slot
+        that moves: retried. Otherwise the server is a node of a cluster that the URL
+        does not describe: no retry can help.
 
     Raises
     ------
+    ConfigurationError
+        For a redirection (MOVED, ASK) on a URL that is not a cluster URL.
     AccessDeniedError
         For refused credentials or rights, and failed TLS handshakes: never retried.
     PoolExhaustedError
@@ -494,6 +502,8 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
     except MaxConnectionsError as exc:
         raise PoolExhaustedError(f"{where}: {exc}") from exc
     except RETRYABLE as exc:
+        if isinstance(exc, redis.exceptions.AskError) and not cluster:
+            raise ConfigurationError(_not_a_cluster_url(where, url, exc)) from exc
         tls = _tls_failure(exc)
         if tls is not None:
             raise AccessDeniedError(
@@ -524,6 +534,16 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
         if "WRONGTYPE" in text:
             text = "the key holds a value of another type than this backend writes"
         raise StoreCommandError(f"{where}{about}: {text}") from exc
+
+
+def _not_a_cluster_url(where: str, url: str, redirection: redis.exceptions.AskError) -> str:
+    kind = "MOVED" if isinstance(redirection, redis.exceptions.MovedError) else "ASK"
+    return (
+        f"{where}: Redis at {mask_url(url)} redirected the command elsewhere ({kind} "
+        f"{redirection}): it is a node of a Redis Cluster, and the result_backend URL is "
+        "not a cluster URL. Use perkey+cluster://host:port,host:port/0, naming one or "
+        "more of the cluster's nodes."
+    )
 
 
 def _tls_failure(exc: BaseException) -> BaseException | None:
