@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from celery.exceptions import TimeoutError
 from celery_perkey_backend import aio
 from celery_perkey_backend.testing import free_port
 
+from .conftest import wait_for_blocked_clients
 from .netproxy import Proxy
 
 #: How far past its deadline a call may end here: the promise is 0.5 s, the rest is room
@@ -86,6 +88,33 @@ def test_aio_wait_of_a_chain_on_a_stalled_link(stalled_chain: tuple[Proxy, Any, 
     assert isinstance(error, TimeoutError), repr(error)
     assert elapsed < 3 + SLACK
     assert None not in executors
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("multiplex", [False, True], ids=["own-connection", "multiplexed"])
+@pytest.mark.parametrize("on_message", [False, True], ids=["get", "on_message"])
+def test_a_chain_whose_link_stalls_mid_wait(
+    make_app: Any, server: Any, r: Any, multiplex: bool, on_message: bool
+) -> None:
+    """The parent checks between the wait's steps run under its deadline too."""
+    proxy = Proxy(server.port)
+    try:
+        app = make_app(backend=f"perkey://127.0.0.1:{proxy.port}/0", perkey_multiplex=multiplex)
+        result = chain(app.tasks["t.add"].s(1, 1), app.tasks["t.add"].s(2)).apply_async()
+        kwargs: dict[str, Any] = {"on_message": lambda meta: None} if on_message else {}
+        outcome: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: outcome.extend(_timed(lambda: result.get(timeout=4, **kwargs)))
+        )
+        waiter.start()
+        wait_for_blocked_clients(r, 1)  # the wait (or the multiplexer's reader) blocks
+        proxy.blackholed = True
+        waiter.join(25)
+        error, elapsed = outcome
+        assert isinstance(error, TimeoutError), repr(error)
+        assert elapsed < 4 + SLACK
+    finally:
+        proxy.close()
 
 
 @pytest.mark.timeout(30)
