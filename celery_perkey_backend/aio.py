@@ -33,11 +33,12 @@ from celery import states
 from celery.result import AsyncResult, ResultSet
 
 from .backend import PerkeyBackend
+from .connection import READ_MARGIN
 from .deadline import Deadline
 from .errors import ConfigurationError
 from .multiplex import Watch
 from .store import Record
-from .waiting import MAX_BLOCK, PARENT_CHECK, Steps
+from .waiting import MAX_BLOCK, PARENT_CHECK, Steps, timed_out, within_deadline
 
 __all__ = ["as_completed", "wait", "watch"]
 
@@ -95,18 +96,39 @@ class _Waits:
         self.woken.clear()
 
 
-async def _check_parents(result: AsyncResult) -> None:
-    """Raise a failed parent's own error, as ``get()`` does (the read is a blocking
-    one, so it runs in the loop's executor)."""
+async def _check_parents(backend: PerkeyBackend, result: AsyncResult, deadline: Deadline) -> None:
+    """Raise a failed parent's own error, as ``get()`` does.
+
+    The reads block, so they run on the multiplexer's registrar thread (never the
+    loop's default executor), under the wait's deadline: they end by it, and so does
+    the awaiting here.
+
+    Raises
+    ------
+    celery.exceptions.TimeoutError
+        When the deadline passes first.
+    """
     parents = []
     node = result.parent
     while node is not None:
         parents.append(node)
         node = getattr(node, "parent", None)
-    if parents:
-        loop = asyncio.get_running_loop()
+    if not parents:
+        return
+    task_id = str(result.id)
+
+    def check() -> None:
         for parent in reversed(parents):
-            await loop.run_in_executor(None, parent.maybe_throw)
+            parent.maybe_throw()
+
+    job = backend.waiter.mux.call(lambda: within_deadline(deadline, task_id, check))
+    left = deadline.remaining()
+    try:
+        await asyncio.wait_for(
+            asyncio.wrap_future(job), None if left is None else left + READ_MARGIN
+        )
+    except asyncio.TimeoutError:
+        raise timed_out(task_id) from None
 
 
 async def wait(
@@ -137,10 +159,10 @@ async def wait(
     if isinstance(result, ResultSet):
         return await _wait_all(result, timeout, propagate)
     backend = _backend(result)
+    deadline = Deadline(timeout)
     follow = propagate and result.parent is not None
     if follow:
-        await _check_parents(result)
-    deadline = Deadline(timeout)
+        await _check_parents(backend, result, deadline)
     waits = _Waits(backend)
     try:
         watch = waits.add(str(result.id))
@@ -152,7 +174,7 @@ async def wait(
                 items = watch.take()
             meta, stepped = steps.absorb(items, backend.final)
             if stepped and follow:
-                await _check_parents(result)
+                await _check_parents(backend, result, deadline)
             if meta is not None:
                 return backend.settle(result, meta, propagate)
     finally:

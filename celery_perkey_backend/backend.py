@@ -22,6 +22,7 @@ from celery.exceptions import BackendStoreError
 from celery.result import result_from_tuple
 
 from .chords import ChordCoordinator
+from .connection import deadline_in_force
 from .deadline import Deadline
 from .errors import BackendUnavailableError, CorruptResultError, quote_id
 from .keys import READY_LETTERS, KeyLayout, parse_ready
@@ -33,7 +34,7 @@ from .store import Record, ResultStore
 from .sweep import SweepOptions, SweepSummary
 from .tasks import register_sweep_task
 from .urls import mask_url
-from .waiting import PARENT_CHECK, Waiter
+from .waiting import PARENT_CHECK, Waiter, within_deadline
 
 __all__ = ["PREFETCH_LIMIT", "JoinPrefetch", "PerkeyBackend"]
 
@@ -73,6 +74,35 @@ class JoinPrefetch:
         return found.get(task_id)
 
 
+def _results_with_deadlines(app: Any) -> None:
+    """Make ``get()`` of ``app``'s results run wholly under its timeout.
+
+    Celery's ``AsyncResult.get()`` checks a chain's parents (reads them) before it
+    hands the timeout to the backend; on a stalled link that read would wait for the
+    whole socket timeout. The result class Celery makes for each app (``app.AsyncResult``:
+    tasks, chains and restored results are made of it, also before the backend exists)
+    gets a ``get()`` that starts the deadline first and runs Celery's under it, so
+    that check ends by the deadline too. A class the app did not make for itself
+    (one that is shared) is left as it is.
+    """
+    cls = app.AsyncResult
+    if vars(cls).get("app") is not app or getattr(cls.get, "perkey_deadline", False):
+        return
+    celery_get = cls.get
+
+    def get(self: Any, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(self.backend, PerkeyBackend):
+            return celery_get(self, timeout, *args, **kwargs)
+        deadline = Deadline(timeout)  # a bad timeout is refused before anything is read
+        return within_deadline(
+            deadline, str(self.id), lambda: celery_get(self, timeout, *args, **kwargs)
+        )
+
+    get.__doc__ = celery_get.__doc__
+    get.perkey_deadline = True  # type: ignore[attr-defined]
+    cls.get = get
+
+
 class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     """Celery result backend keeping each task's result in its own Redis list.
 
@@ -110,6 +140,7 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         self.chords = ChordCoordinator(self.store, self)
         self.prefetch = JoinPrefetch()
         register_sweep_task(self.app)
+        _results_with_deadlines(self.app)
 
     @property
     def layout(self) -> KeyLayout:
@@ -310,21 +341,26 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
     ) -> Any:
         self._ensure_not_eager()
         task_id = str(result.id)
-        # A result with parents has them checked (on_interval) at least once a second.
+        # Started by our result's get(), the deadline is in force already. A result with
+        # parents has them checked (on_interval, under the deadline) once a second.
+        deadline = Deadline(timeout).sooner(deadline_in_force())
         cap = PARENT_CHECK if getattr(result, "parent", None) is not None else None
-        try:
+
+        def wait() -> Meta:
             if on_message is not None:
-                meta = self.waiter.follow(
+                return self.waiter.follow(
                     task_id,
-                    Deadline(timeout),
+                    deadline,
                     self.decode_record,
                     on_message,
                     consume=self.settings.read_once,
                     on_step=on_interval,
                     cap=cap,
                 )
-            else:
-                meta = self._wait_ready(task_id, Deadline(timeout), on_interval, cap)
+            return self._wait_ready(task_id, deadline, on_interval, cap)
+
+        try:
+            meta = within_deadline(deadline, task_id, wait)
         finally:
             self.remove_pending_result(result)
         return self.settle(result, meta, propagate, callback)

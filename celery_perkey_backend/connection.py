@@ -19,7 +19,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -54,6 +54,7 @@ __all__ = [
     "blocking_call",
     "bounded_by",
     "client_for",
+    "deadline_in_force",
     "node_client",
     "primaries",
     "redis_errors",
@@ -68,7 +69,7 @@ T = TypeVar("T")
 READ_MARGIN = 0.5
 
 #: Lost connections, and errors of a cluster whose slots move or whose primaries fail
-#: over: all retried.
+#: over: all retried (a redirection only on a cluster URL: see :func:`redis_errors`).
 RETRYABLE: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -103,6 +104,11 @@ def bounded_by(deadline: Deadline) -> Iterator[None]:
         yield
     finally:
         _deadline.reset(token)
+
+
+def deadline_in_force() -> Deadline | None:
+    """The deadline that :func:`bounded_by` put in force here, if any."""
+    return _deadline.get()
 
 
 def _left() -> float | None:
@@ -335,8 +341,14 @@ def _build(settings: Settings) -> redis.Redis:
         if not master:
             raise ValueError("a sentinel:// backend needs master_name in its transport options")
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            nodes, sentinel_kwargs=transport.get("sentinel_kwargs"), **auth, **options
+            nodes, sentinel_kwargs=_sentinel_kwargs(transport, options), **auth, **options
         )
+        for client in sentinel.sentinels:
+            # Discovery runs while connecting, under the deadline in force: bounded.
+            node_pool = client.connection_pool
+            node_pool.connection_class = _BOUNDED.get(
+                node_pool.connection_class, node_pool.connection_class
+            )
         pool_options: dict[str, Any] = {
             "connection_pool_class": QueueingSentinelPool,
             "connection_class": BoundedSentinelSSLConnection if tls else BoundedSentinelConnection,
@@ -362,6 +374,24 @@ def _build(settings: Settings) -> redis.Redis:
     pool = QueueingPool.from_url(url, **options)
     pool.queue_timeout = queue_timeout
     return redis.Redis(connection_pool=pool)
+
+
+#: The bounded connection class for each of redis-py's.
+_BOUNDED: dict[type[Any], type[Any]] = {
+    redis.Connection: BoundedConnection,
+    redis.SSLConnection: BoundedSSLConnection,
+    redis.UnixDomainSocketConnection: BoundedUnixConnection,
+}
+
+
+def _sentinel_kwargs(transport: Mapping[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The options of the clients that ask the Sentinels: ``sentinel_kwargs`` from the
+    transport options, else the ``socket_*`` options (redis-py's own default), and
+    never redis-py's retries (each Sentinel is asked once per attempt of the policy)."""
+    given = transport.get("sentinel_kwargs")
+    if given is None:
+        given = {key: value for key, value in options.items() if key.startswith("socket_")}
+    return {**given, "retry": _NO_RETRY}
 
 
 def _hosts(url: str, separator: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
@@ -434,7 +464,9 @@ def blocking_call(client: redis.Redis, key: str, seconds: float, *args: Any) -> 
 
 
 @contextmanager
-def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]:
+def redis_errors(
+    where: str, url: str, key: str | None = None, cluster: bool = False
+) -> Iterator[None]:
     """Translate redis-py exceptions into this package's, naming what failed.
 
     Parameters
@@ -445,9 +477,15 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
         The backend URL as the user wrote it; its password is masked.
     key:
         The key involved, if there is one.
+    cluster:
+        Whether the URL is a cluster URL. On one, a redirection (MOVED, ASK) is a slot
+        that moves: retried. Otherwise the server is a node of a cluster that the URL
+        does not describe: no retry can help.
 
     Raises
     ------
+    ConfigurationError
+        For a redirection (MOVED, ASK) on a URL that is not a cluster URL.
     AccessDeniedError
         For refused credentials or rights, and failed TLS handshakes: never retried.
     PoolExhaustedError
@@ -470,6 +508,8 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
     except MaxConnectionsError as exc:
         raise PoolExhaustedError(f"{where}: {exc}") from exc
     except RETRYABLE as exc:
+        if isinstance(exc, redis.exceptions.AskError) and not cluster:
+            raise ConfigurationError(_not_a_cluster_url(where, url, exc)) from exc
         tls = _tls_failure(exc)
         said = redact(str(exc if tls is None else tls), url)
         if tls is not None:
@@ -501,6 +541,16 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
         if "WRONGTYPE" in text:
             text = "the key holds a value of another type than this backend writes"
         raise StoreCommandError(f"{where}{about}: {text}") from exc
+
+
+def _not_a_cluster_url(where: str, url: str, redirection: redis.exceptions.AskError) -> str:
+    kind = "MOVED" if isinstance(redirection, redis.exceptions.MovedError) else "ASK"
+    return (
+        f"{where}: Redis at {mask_url(url)} redirected the command elsewhere ({kind} "
+        f"{redirection}): it is a node of a Redis Cluster, and the result_backend URL is "
+        "not a cluster URL. Use perkey+cluster://host:port,host:port/0, naming one or "
+        "more of the cluster's nodes."
+    )
 
 
 def _tls_failure(exc: BaseException) -> BaseException | None:

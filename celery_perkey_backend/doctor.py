@@ -106,6 +106,14 @@ RULES: tuple[Rule, ...] = (
         "and assign every slot (valkey-cli --cluster fix).",
     ),
     Rule(
+        "cluster-url",
+        "A node of a Redis Cluster serves only its own slots and answers MOVED (or ASK) "
+        "for the others. Through a plain URL, every store and wait of a result in "
+        "another node's slots fails with a ConfigurationError.",
+        "Use a cluster URL naming one or more of its nodes: "
+        "perkey+cluster://host:port,host:port/0.",
+    ),
+    Rule(
         "result-expires-without-delete",
         "With result_expires None, results are stored without a TTL, and Celery beat "
         "schedules no backend_cleanup. With perkey_sweep_delete off, a sweep only gives "
@@ -467,6 +475,17 @@ def _cluster(store: ResultStore, servers: list[Server]) -> Verdict:
     return _combine(verdicts)
 
 
+def _cluster_url(server: Server, cluster_url: bool) -> Verdict:
+    enabled = int(server.field("cluster", "cluster_enabled"))
+    details = {"cluster_enabled": enabled}
+    if enabled and not cluster_url:
+        text = "the server is a node of a Redis Cluster, and the URL is not a cluster URL"
+        return Verdict("danger", text, details)
+    if enabled:
+        return Verdict("ok", "a cluster, through a cluster URL", details)
+    return Verdict("ok", "not a cluster node", details)
+
+
 def _expires(store: ResultStore) -> Verdict:
     settings = store.settings
     details = {
@@ -591,6 +610,7 @@ def diagnose(target: ResultStore | HasStore, sample_limit: int = 100_000) -> Rep
         "tcp-keepalive": on_each(_keepalive),
         "persistence": on_each(_persistence),
         "cluster-health": _guarded(partial(_cluster, store, servers)),
+        "cluster-url": on_each(partial(_cluster_url, cluster_url=store.is_cluster)),
         "result-expires-without-delete": _expires(store),
         "socket-timeout-below-block": _socket_timeout(store),
         "min-replicas": on_each(partial(_replicas, wanted=wanted))

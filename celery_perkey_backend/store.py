@@ -199,7 +199,7 @@ class ResultStore:
 
     def errors(self, where: str, key: str | None = None) -> Any:
         """A context that turns redis-py errors into this package's, naming ``where``."""
-        return redis_errors(where, self.settings.url, key)
+        return redis_errors(where, self.settings.url, key, cluster=self.settings.is_cluster)
 
     # -- running commands -------------------------------------------------------------
 

@@ -52,7 +52,15 @@ from .multiplex import (
 )
 from .store import Record, ResultStore
 
-__all__ = ["MAX_BLOCK", "PARENT_CHECK", "Steps", "Waiter", "block_cap", "timed_out"]
+__all__ = [
+    "MAX_BLOCK",
+    "PARENT_CHECK",
+    "Steps",
+    "Waiter",
+    "block_cap",
+    "timed_out",
+    "within_deadline",
+]
 
 logger = logging.getLogger("celery_perkey_backend")
 
@@ -493,6 +501,27 @@ class Steps:
 def timed_out(task_id: str) -> TimeoutError:
     """Celery's TimeoutError for a wait on ``task_id``."""
     return _timed_out(task_id)
+
+
+def within_deadline(deadline: Deadline, task_id: str, call: Callable[[], T]) -> T:
+    """Run ``call`` (a whole wait: its parent checks included) under ``deadline``.
+
+    Every command our connections run meanwhile, in this thread, is bounded by it (see
+    :func:`~.connection.bounded_by`): a read made by the caller's code, such as Celery's
+    check of a chain's parents, ends by the deadline as the wait's own commands do.
+
+    Raises
+    ------
+    celery.exceptions.TimeoutError
+        For a lost connection once the deadline has passed.
+    """
+    try:
+        with bounded_by(deadline):
+            return call()
+    except BackendUnavailableError as exc:
+        if deadline.expired:
+            raise _timed_out(task_id) from exc
+        raise
 
 
 def _ms(seconds: float | None) -> int:

@@ -32,6 +32,7 @@ STABLE_IDS = [
     "tcp-keepalive",
     "persistence",
     "cluster-health",
+    "cluster-url",
     "result-expires-without-delete",
     "socket-timeout-below-block",
     "min-replicas",
