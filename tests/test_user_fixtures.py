@@ -26,15 +26,25 @@ from celery_perkey_backend.testing import redirect_app
 PRODUCTION_BROKER = "redis://127.0.0.1:9/1"
 PRODUCTION_BACKEND = "perkey://127.0.0.1:9/0"
 
+# Besides the default queue, which Celery publishes to directly, one queue bound to an
+# exchange of another name: what is routed through it needs kombu's binding in db 1.
 SESSION_CONFTEST = """
 import pytest
+from kombu import Exchange, Queue
 
 pytest_plugins = ["celery_perkey_backend.testing"]
 
 
 @pytest.fixture(scope="session")
 def celery_config(perkey_url, perkey_broker_url):
-    return {"broker_url": perkey_broker_url, "result_backend": perkey_url}
+    return {
+        "broker_url": perkey_broker_url,
+        "result_backend": perkey_url,
+        "task_queues": [
+            Queue("celery"),
+            Queue("math", Exchange("arithmetic"), routing_key="math"),
+        ],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +104,10 @@ def test_4_the_session_worker_outlives_the_emptying(
 ):
     assert keys(perkey_url) == []
     assert not_bindings(perkey_broker_url) == []
-    assert celery_session_app.tasks[mul.name].delay(3, 14).get(timeout=10) == 42
+    task = celery_session_app.tasks[mul.name]
+    assert task.delay(3, 14).get(timeout=10) == 42
+    routed = task.apply_async((6, 7), exchange="arithmetic", routing_key="math")
+    assert routed.get(timeout=10) == 42
 """
 
 PROJ_CELERY = f"""
