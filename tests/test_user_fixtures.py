@@ -178,12 +178,31 @@ def test_the_recipe_for_tasks_of_the_projects_own_app(pytester: pytest.Pytester)
     result.assert_outcomes(passed=3)
 
 
-def test_redirect_app_is_undone(perkey_url: str, perkey_broker_url: str) -> None:
-    app = Celery(
-        "other", broker=PRODUCTION_BROKER, backend=PRODUCTION_BACKEND, set_as_current=False
-    )
-    app.conf.broker_write_url = PRODUCTION_BROKER
+class DjangoSettings:
+    """Settings as Django's ``settings.py`` holds them, for ``namespace="CELERY"``."""
+
+    CELERY_BROKER_URL = PRODUCTION_BROKER
+    CELERY_RESULT_BACKEND = PRODUCTION_BACKEND
+    CELERY_BROKER_WRITE_URL = PRODUCTION_BROKER
+
+
+def production_app(configured: str) -> Celery:
+    if configured == "in code":
+        app = Celery(
+            "other", broker=PRODUCTION_BROKER, backend=PRODUCTION_BACKEND, set_as_current=False
+        )
+        app.conf.broker_write_url = PRODUCTION_BROKER
+    else:
+        app = Celery("other", set_as_current=False)
+        app.config_from_object(DjangoSettings, namespace="CELERY")
+    return app
+
+
+@pytest.mark.parametrize("configured", ["in code", "from Django's settings"])
+def test_redirect_app_is_undone(perkey_url: str, perkey_broker_url: str, configured: str) -> None:
+    app = production_app(configured)
     production = app.backend
+    assert production.as_uri() == PRODUCTION_BACKEND
     with redirect_app(app, result_backend=perkey_url, broker_url=perkey_broker_url):
         assert app.backend is not production
         assert app.backend.as_uri() == perkey_url
