@@ -12,7 +12,8 @@ in a subprocess (pytester), the way a user's run loads the plugin:
   as the README's recipe does it.
 
 Both run with pytest-celery's plugin disabled (``test_testing_plugin.py`` covers it
-loaded), so that the run takes one subprocess each.
+loaded). What ``redirect_app`` puts back on exit, and what it refuses, is checked in
+this process.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def test_add_on_an_empty_database(proj_worker, perkey_url):
     client = redis.Redis.from_url(perkey_url.replace("perkey://", "redis://"))
     assert client.dbsize() == 0
     assert add.delay(20, 22).get(timeout=10) == 42
-    assert client.dbsize() == 1
+    assert client.dbsize() > 0
     client.close()
 """
 
