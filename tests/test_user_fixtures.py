@@ -229,3 +229,16 @@ def test_redirect_app_refuses_what_the_environment_would_override(
     ):
         pass
     assert app.conf["broker_url"] == PRODUCTION_BROKER
+
+
+def test_redirect_app_refuses_an_app_whose_class_fixes_the_backend() -> None:
+    class FixedApp(Celery):
+        backend_cls = PRODUCTION_BACKEND
+
+    app = FixedApp("fixed", broker=PRODUCTION_BROKER, set_as_current=False)
+    with (
+        pytest.raises(ValueError, match=r"'fixed'.*its class fixes the result backend"),
+        redirect_app(app, result_backend="perkey://127.0.0.1:1/0"),
+    ):
+        pass
+    assert app.backend.as_uri() == PRODUCTION_BACKEND
