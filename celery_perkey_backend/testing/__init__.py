@@ -10,9 +10,10 @@ free loopback ports in temporary directories, and stops and removes them again:
 
 It is also a pytest plugin for users' own tests: ``pytest_plugins =
 ["celery_perkey_backend.testing"]`` brings the ``perkey_server``, ``perkey_url`` and
-``perkey_broker_url`` fixtures (:mod:`.fixtures`), and Celery's own (``celery_app``,
-``celery_worker`` …). The fixtures are taken in only where pytest can be imported, so
-that this package stays importable without it (the benchmarks use it so).
+``perkey_broker_url`` fixtures and :func:`~.fixtures.redirect_app` (:mod:`.fixtures`),
+and Celery's own (``celery_app``, ``celery_worker`` …). The fixtures are taken in only
+where pytest can be imported, so that this package stays importable without it (the
+benchmarks use it so).
 PYTEST_DONT_REWRITE: nothing here asserts, so pytest need not warn that a conftest
 imported it before loading it.
 """
@@ -29,9 +30,11 @@ except ImportError:
 else:
     from .fixtures import (  # noqa: F401
         perkey_broker_url,
+        perkey_empty_databases,
         perkey_server,
         perkey_url,
         pytest_configure,
+        redirect_app,
     )
 
 __all__ = [
