@@ -65,21 +65,34 @@ class _Waits:
         self.watches: list[Watch] = []
 
     def _wake(self) -> None:
-        # Called by the multiplexer's threads; the loop may have closed meanwhile.
+        # Called by the multiplexer's threads. A loop closed meanwhile (by hand, with
+        # this coroutine never finished) runs nothing again: its waits are released.
         if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.woken.set)
+            try:
+                self.loop.call_soon_threadsafe(self.woken.set)
+                return
+            except RuntimeError:  # closed since the check
+                pass
+        self.close()
+
+    def _alive(self) -> bool:
+        return not self.loop.is_closed()
 
     def add(self, task_id: str, progress: bool = False) -> Watch:
         watch = self.mux.watch(
-            task_id, self._wake, progress=progress, consume=self.backend.settings.read_once
+            task_id,
+            self._wake,
+            progress=progress,
+            consume=self.backend.settings.read_once,
+            alive=self._alive,
         )
         self.watches.append(watch)
         return watch
 
     def close(self) -> None:
-        for watch in self.watches:
+        watches, self.watches = self.watches, []
+        for watch in watches:
             self.mux.release(watch)
-        self.watches.clear()
 
     async def sleep(self, seconds: float) -> None:
         """Sleep until something arrives or ``seconds`` pass.
