@@ -65,6 +65,7 @@ from .store import Note, Probe, Record, ResultStore, parse_note
 __all__ = [
     "CHECK_INTERVAL",
     "IDLE_STOP",
+    "JOB_STEP",
     "POLL_INTERVAL",
     "RENEW_AFTER",
     "STEP",
@@ -100,6 +101,10 @@ RENEW_AFTER = REGISTRATION_TTL_MS / 2000
 #: The deadline of each round trip of the registrar (its replies get the read margin
 #: on top): a reply lost in a stalled link holds the registrar no longer.
 STEP = 0.25
+
+#: The longest deadline of a wait's read run on the registrar's connection (a join's
+#: read of many results may take longer than a registration).
+JOB_STEP = 2.0
 
 #: How long a multiplexer without waits lives on before it stops.
 IDLE_STOP = 30.0
@@ -257,14 +262,14 @@ class Multiplexer:
     def call(self, job: Callable[[], T], deadline: Deadline | None = None) -> Future[T]:
         """Run ``job`` on the registrar's connection, after what is queued before it.
 
-        It runs under ``deadline``, or :data:`STEP` when that is sooner: a job never
-        holds the registrar longer than a step of its own.
+        It runs under ``deadline``, or :data:`JOB_STEP` when that is sooner: a job
+        (a wait's read of many results) never holds the registrar much longer.
         """
         future: Future[T] = Future()
 
         def bounded() -> T:
             left = None if deadline is None else deadline.remaining()
-            with bounded_by(Deadline(STEP if left is None else min(left, STEP))):
+            with bounded_by(Deadline(JOB_STEP if left is None else min(left, JOB_STEP))):
                 return job()
 
         with self._lock:
@@ -437,6 +442,14 @@ class Multiplexer:
                 self._handle(first)
                 for raw in self._step(self.store.take_inbox, self.inbox, BATCH - 1):
                     self._handle(raw)
+            except StoreCommandError as exc:
+                # The inbox is ours, and holds something else (written by hand): make it
+                # anew. What was in it is lost; a check reads every waited task.
+                logger.warning("perkey: replaced inbox %s, which was refused: %s", self.inbox, exc)
+                with contextlib.suppress(PerkeyError):
+                    self._step(self.store.delete, self.inbox)
+                self._recovered()
+                self._stopping.wait(POLL_INTERVAL)
             except PerkeyError as exc:
                 if self._stopping.is_set():
                     break
@@ -485,7 +498,10 @@ class Multiplexer:
             warn = not self._warned and bool(self._watches)
             self._warned = True
         if warn and threading.main_thread().is_alive():
-            logger.warning("perkey: waits lost their connection (%s); retrying", exc)
+            if isinstance(exc, BackendUnavailableError):
+                logger.warning("perkey: waits lost their connection (%s); retrying", exc)
+            else:
+                logger.warning("perkey: every wait of the process failed: %s", exc)
         policy = self.store.policy
         limit = policy.settings.max_retries
         budget = policy.budget_s() or 0.0
