@@ -313,11 +313,12 @@ class Multiplexer:
         self._stopping.set()
         self._work.set()
         self._watching.set()
-        for watch in watches:
-            watch.push(error if error is not None else BackendUnavailableError("stopped"))
+        failure = error or BackendUnavailableError("the multiplexer was stopped")
+        for watch in watches:  # none without an error: an idle stop
+            watch.push(failure)
         for _, future in jobs:
             if future.set_running_or_notify_cancel():
-                future.set_exception(error or BackendUnavailableError("stopped"))
+                future.set_exception(failure)
         return True
 
     def _finish(self) -> None:
@@ -485,8 +486,8 @@ class Multiplexer:
         A lost connection is retried: the first failure of an outage logs one warning
         (when there are waits, and the process is not exiting); once the failures
         outnumber the retry policy's retries and outlast its pauses, every wait fails
-        with it. Any other failure here (refused access, an inbox of the wrong type)
-        fails every wait at once.
+        with it. Any other failure that reaches here (refused access) fails every wait
+        at once: what one task's keys cause is dealt with before (:meth:`_isolated`).
         """
         now = time.monotonic()
         with self._lock:
