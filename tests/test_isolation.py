@@ -49,9 +49,17 @@ def _app(make_app: Any, port: int, **conf: Any) -> Any:
     return make_app(backend=f"perkey://127.0.0.1:{port}/0", perkey_multiplex=True, **conf)
 
 
-def _wrong_type(key: Callable[[Any, str], str]) -> Callable[[Any, redis.Redis], str]:
+#: The key each wrong-type poison spoils, by its name.
+SPOILED = {"result key": "result", "state key": "state", "watchers key": "watchers"}
+
+
+def _wrong_type(kind: str) -> Callable[[Any, redis.Redis], str]:
     def poison(app: Any, client: redis.Redis) -> str:
-        client.set(key(app.backend.layout, "bad"), "written by hand")
+        key = getattr(app.backend.layout, kind)("bad")
+        if kind == "state":
+            client.rpush(key, "a list where a string belongs")
+        else:
+            client.set(key, "written by hand")
         return "bad"
 
     return poison
@@ -74,8 +82,9 @@ def _inbox_of_another_type(app: Any, client: redis.Redis) -> str:
 POISONS: dict[str, Callable[[Any, redis.Redis], str]] = {
     "empty id": lambda app, client: "",
     "lone surrogate": lambda app, client: "\ud800",
-    "result key of another type": _wrong_type(lambda layout, tid: layout.result(tid)),
-    "watchers key of another type": _wrong_type(lambda layout, tid: layout.watchers(tid)),
+    "result key of another type": _wrong_type("result"),
+    "state key of another type": _wrong_type("state"),
+    "watchers key of another type": _wrong_type("watchers"),
     "note of length 0": _bad_note(b"R0:ok1S1|x"),
     "note of negative length": _bad_note(b"R-1:ok1S1|x"),
     "inbox of another type": _inbox_of_another_type,
@@ -158,7 +167,8 @@ def test_one_poisoned_wait_fails_alone(
         error = got[100]
         assert isinstance(error, StoreCommandError), error
         assert "'bad'" in str(error)
-        key = layout.result("bad") if "result key" in poison else layout.watchers("bad")
+        kind = next(kind for name, kind in SPOILED.items() if poison.startswith(name))
+        key = getattr(layout, kind)("bad")
         assert repr(key) in str(error)
     else:
         assert isinstance(got[100], InvalidIdError), got[100]
