@@ -197,6 +197,7 @@ class Multiplexer:
         self._failures = 0
         self._down_since: float | None = None
         self._warned = False
+        self._quiet_until = 0.0
         self._threads = [
             threading.Thread(target=target, name=f"perkey-{name}-{self.inbox}", daemon=True)
             for name, target in (("reader", self._read_loop), ("registrar", self._register_loop))
@@ -496,7 +497,7 @@ class Multiplexer:
             if self._down_since is None:
                 self._down_since = now
             down_for = now - self._down_since
-            warn = not self._warned and bool(self._watches)
+            warn = not self._warned and bool(self._watches) and now >= self._quiet_until
             self._warned = True
         if warn and threading.main_thread().is_alive():
             if isinstance(exc, BackendUnavailableError):
@@ -514,8 +515,12 @@ class Multiplexer:
         return min(1.0, 0.05 * (1 << min(failures, 5)))
 
     def _ok(self) -> None:
-        """The server answers (again): the next outage is a new one."""
+        """The server answers (again): the next outage is a new one. A failure that
+        follows within a reader's block is the other thread's in-flight call meeting
+        the outage that just ended: it is not warned about again."""
         with self._lock:
+            if self._failures:
+                self._quiet_until = time.monotonic() + READER_BLOCK + STEP + 1.0
             self._failures = 0
             self._down_since = None
             self._warned = False
