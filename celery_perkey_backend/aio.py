@@ -35,10 +35,10 @@ from celery.result import AsyncResult, ResultSet
 from .backend import PerkeyBackend
 from .connection import READ_MARGIN
 from .deadline import Deadline
-from .errors import ConfigurationError
+from .errors import BackendUnavailableError, ConfigurationError
 from .multiplex import Watch
 from .store import Record
-from .waiting import MAX_BLOCK, PARENT_CHECK, Steps, timed_out, within_deadline
+from .waiting import MAX_BLOCK, PARENT_CHECK, Steps, timed_out
 
 __all__ = ["as_completed", "wait", "watch"]
 
@@ -66,21 +66,34 @@ class _Waits:
         self.watches: list[Watch] = []
 
     def _wake(self) -> None:
-        # Called by the multiplexer's threads; the loop may have closed meanwhile.
+        # Called by the multiplexer's threads. A loop closed meanwhile (by hand, with
+        # this coroutine never finished) runs nothing again: its waits are released.
         if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.woken.set)
+            try:
+                self.loop.call_soon_threadsafe(self.woken.set)
+                return
+            except RuntimeError:  # closed since the check
+                pass
+        self.close()
+
+    def _alive(self) -> bool:
+        return not self.loop.is_closed()
 
     def add(self, task_id: str, progress: bool = False) -> Watch:
         watch = self.mux.watch(
-            task_id, self._wake, progress=progress, consume=self.backend.settings.read_once
+            task_id,
+            self._wake,
+            progress=progress,
+            consume=self.backend.settings.read_once,
+            alive=self._alive,
         )
         self.watches.append(watch)
         return watch
 
     def close(self) -> None:
-        for watch in self.watches:
+        watches, self.watches = self.watches, []
+        for watch in watches:
             self.mux.release(watch)
-        self.watches.clear()
 
     async def sleep(self, seconds: float) -> None:
         """Sleep until something arrives or ``seconds`` pass.
@@ -121,14 +134,27 @@ async def _check_parents(backend: PerkeyBackend, result: AsyncResult, deadline: 
         for parent in reversed(parents):
             parent.maybe_throw()
 
-    job = backend.waiter.mux.call(lambda: within_deadline(deadline, task_id, check))
-    left = deadline.remaining()
-    try:
-        await asyncio.wait_for(
-            asyncio.wrap_future(job), None if left is None else left + READ_MARGIN
-        )
-    except asyncio.TimeoutError:
-        raise timed_out(task_id) from None
+    # Each try holds the registrar for one bounded job at most (Multiplexer.call); a
+    # lost connection is tried again by the one retry policy, within the deadline.
+    failures = 0
+    limit = backend.store.policy.max_retries
+    while True:
+        job = backend.waiter.mux.call(check, deadline)
+        left = deadline.remaining()
+        try:
+            await asyncio.wait_for(
+                asyncio.wrap_future(job), None if left is None else left + READ_MARGIN
+            )
+            return
+        except asyncio.TimeoutError:
+            raise timed_out(task_id) from None
+        except BackendUnavailableError as exc:
+            failures += 1
+            if deadline.expired:
+                raise timed_out(task_id) from exc
+            if limit is not None and failures > limit:
+                raise
+            await asyncio.sleep(deadline.block_for(min(1.0, 0.05 * 2**failures)))
 
 
 async def wait(

@@ -189,6 +189,12 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         """Run the sweep; Celery's ``celery.backend_cleanup`` task calls this."""
         self.run_sweep()
 
+    def close(self) -> None:
+        """Stop this process's multiplexer for the backend's server: its threads end and
+        its connections close; waits still running through it fail with
+        ``BackendUnavailableError``. A later wait starts a new one."""
+        self.waiter.close()
+
     # -- keys and plain values (saved groups) -----------------------------------------
 
     def get_key_for_task(self, task_id: str, key: str = "") -> str:

@@ -92,19 +92,27 @@ class Note(NamedTuple):
 
 
 def parse_note(raw: bytes) -> Note:
-    """Read a notification (``lua/store.lua`` writes them).
+    """Read a notification (``lua/store.lua`` writes them), strictly.
+
+    A notification is a kind letter (``R``/``P`` carrying the stored element, ``r``/``p``
+    without it), the task id's length in bytes (decimal digits, at least 1), ``:``, the
+    task id (valid UTF-8), then the element (not empty) or nothing.
 
     Raises
     ------
     ValueError
-        If ``raw`` is not one.
+        If ``raw`` is not one (``UnicodeDecodeError``, a ``ValueError``, for an id that
+        is not valid UTF-8).
     """
-    kind, size, rest = raw[:1], *raw[1:].split(b":", 1)
-    length = int(size)
-    task_id = rest[:length].decode("utf-8")
-    if kind not in (b"R", b"P", b"r", b"p") or len(rest) < length:
+    kind, size, colon, rest = raw[:1], *raw[1:].partition(b":")
+    if kind not in (b"R", b"P", b"r", b"p") or not colon or not size.isdigit():
         raise ValueError("not a perkey notification")
-    element = rest[length:] if kind in (b"R", b"P") else None
+    length = int(size)
+    inline = kind in (b"R", b"P")
+    if length == 0 or len(rest) < length + inline or (not inline and len(rest) != length):
+        raise ValueError("not a perkey notification")
+    task_id = rest[:length].decode("utf-8")
+    element = rest[length:] if inline else None
     return Note(task_id, kind in (b"R", b"r"), element)
 
 
@@ -392,14 +400,14 @@ class ResultStore:
             self.client.delete(key)
 
     def forget(self, task_id: str) -> None:
-        """Remove everything stored for a task, its fallback key included."""
+        """Remove everything stored for a task, its fallback key included.
+
+        The task's ``watchers`` set stays: it holds the registrations of waits that may
+        run on in other processes (a result stored after the forget must still wake
+        them), and it expires by itself once no wait renews it.
+        """
         layout = self.layout
-        doomed = [
-            layout.result(task_id),
-            layout.state(task_id),
-            layout.watchers(task_id),
-            layout.progress(task_id),
-        ]
+        doomed = [layout.result(task_id), layout.state(task_id), layout.progress(task_id)]
         if self.fallback is not None:
             doomed.append(self.fallback(task_id))
         self._delete_each(doomed, f"forget task {quote_id(task_id)}")
@@ -632,6 +640,9 @@ class ResultStore:
         ------
         ServerFullError
             When the server is out of memory (registering is a write).
+        StoreCommandError
+            When a task's keys refuse (e.g. one holds another type), naming the first
+            such task and its key; the other tasks were registered all the same.
         """
         found: dict[str, Probe] = {}
         layout = self.layout
@@ -649,15 +660,32 @@ class ResultStore:
                     )
                     self._queue(pipe, scripts.REGISTER, keys, args)
 
-            replies = self._pipeline(build, "register waits", inbox, on=node)
-            for task_id, (ready, state) in zip(ids, replies, strict=True):
+            replies = self._pipeline(build, "register waits", inbox, raise_on_error=False, on=node)
+            for task_id, reply in zip(ids, replies, strict=True):
+                if isinstance(reply, Exception):
+                    self._refused(task_id, reply, inbox)
+                ready, state = reply
                 found[task_id] = self._probe(task_id, ready or None, state or None, True)
         return self._with_fallbacks(found)
+
+    def _refused(self, task_id: str, error: Exception, inbox: str) -> None:
+        """Raise the error of one task's registration, naming the task and the key: the
+        key is found by reading each of the task's keys on its own."""
+        if not isinstance(error, redis.exceptions.OutOfMemoryError):
+            self.probe([task_id], inbox)  # raises for the key of the wrong type
+        with self.errors(f"register a wait for task {quote_id(task_id)}", inbox):
+            raise error
 
     def probe(self, task_ids: Sequence[str], inbox: str) -> dict[str, Probe]:
         """Read each task's state and whether ``inbox`` is still registered for it.
 
         Reads only (a server out of memory answers them); one pipelined round trip.
+
+        Raises
+        ------
+        StoreCommandError
+            When a task's key refuses (e.g. it holds another type), naming the first
+            such task and the key.
         """
         layout = self.layout
 
@@ -667,10 +695,18 @@ class ResultStore:
                 pipe.get(layout.state(task_id))
                 pipe.sismember(layout.watchers(task_id), inbox)
 
-        replies = self._pipeline(build, "check waits", inbox)
+        replies = self._pipeline(build, "check waits", inbox, raise_on_error=False)
         found = {}
         for i, task_id in enumerate(task_ids):
             ready, state, registered = replies[3 * i : 3 * i + 3]
+            for reply, key in zip(
+                (ready, state, registered),
+                (layout.result, layout.state, layout.watchers),
+                strict=True,
+            ):
+                if isinstance(reply, Exception):
+                    with self.errors(f"check the wait for task {quote_id(task_id)}", key(task_id)):
+                        raise reply
             found[task_id] = self._probe(task_id, ready, state, bool(registered))
         return self._with_fallbacks(found)
 
@@ -695,6 +731,15 @@ class ResultStore:
         """Take up to ``most`` notifications waiting in ``inbox``, without blocking."""
         with self.errors("read notifications", inbox):
             return cast("list[bytes]", self.client.lpop(inbox, most) or [])
+
+    def close_idle(self) -> None:
+        """Close the client's idle connections (those in use stay open); every
+        connection reconnects when next used."""
+        if self._client is None:
+            return
+        with self.errors("close connections"):
+            for node in primaries(self._client):
+                node.connection_pool.disconnect(inuse_connections=False)
 
     def _by_node(self, task_ids: Sequence[str], where: str) -> list[tuple[Any, list[str]]]:
         """The ids grouped by the node that holds their keys (scripts cannot go through a

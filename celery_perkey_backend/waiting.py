@@ -48,6 +48,7 @@ from .multiplex import (
     Multiplexer,
     Watch,
     multiplexer_for,
+    stop_multiplexer,
     warn_server_full,
 )
 from .store import Record, ResultStore
@@ -136,6 +137,11 @@ class Waiter:
         """The process's multiplexer for this store (started on first use)."""
         return multiplexer_for(self.store)
 
+    def close(self) -> None:
+        """Stop the process's multiplexer for this store, if one runs: its waits fail
+        with :class:`BackendUnavailableError`; a later wait starts a new one."""
+        stop_multiplexer(self.store, BackendUnavailableError("the result backend was closed"))
+
     def _retried(
         self, op: Callable[[], T], task_id: str, deadline: Deadline, warned: list[bool]
     ) -> T:
@@ -162,8 +168,10 @@ class Waiter:
     def attempt(self, op: Callable[[], T], task_id: str, deadline: Deadline) -> T:
         """One read of a wait, outside its steps: bounded by the deadline, retried.
 
-        Multiplexed, it runs on the multiplexer's connection, so that any number of
-        concurrent waits read through a handful of connections.
+        Multiplexed, each try runs on the multiplexer's connection, so that any number
+        of concurrent waits read through a handful of connections; retries are the
+        wait's, never the multiplexer's. Either way the read gets :data:`READ_MARGIN`
+        past the deadline, so a ``timeout=0`` wait still sees what is stored.
 
         Raises
         ------
@@ -173,12 +181,17 @@ class Waiter:
         with bounded_by(deadline):
             if not self.multiplex:
                 return self._retried(op, task_id, deadline, [])
-            future = self.mux.call(lambda: self._retried(op, task_id, deadline, []))
-            try:
-                return future.result(timeout=deadline.remaining())
-            except FutureTimeout:
-                future.cancel()
-                raise _timed_out(task_id) from None
+            return self._retried(lambda: self._on_mux(op, task_id, deadline), task_id, deadline, [])
+
+    def _on_mux(self, op: Callable[[], T], task_id: str, deadline: Deadline) -> T:
+        """One try of ``op`` on the multiplexer's connection, under ``deadline``."""
+        future = self.mux.call(op, deadline)
+        left = deadline.remaining()
+        try:
+            return future.result(timeout=None if left is None else left + READ_MARGIN)
+        except FutureTimeout:
+            future.cancel()
+            raise _timed_out(task_id) from None
 
     def until_ready(
         self,

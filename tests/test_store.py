@@ -141,15 +141,19 @@ def test_global_keyprefix_and_own_prefix(make_app: Any, r: redis.Redis) -> None:
     assert r.keys("*") == [b"tenant1_res:r:{t1}"]
 
 
-def test_forget_removes_everything(app: Any, r: redis.Redis) -> None:
+def test_forget_removes_everything_but_the_registrations(app: Any, r: redis.Redis) -> None:
     backend = app.backend
     backend.store_result("running", None, "PROGRESS")
-    r.sadd(backend.layout.watchers("running"), "an inbox")
+    watchers = backend.layout.watchers("running")
+    r.sadd(watchers, "an inbox")
+    r.pexpire(watchers, 60_000)
     backend.store_result("done", 1, states.SUCCESS)
     assert r.dbsize() == 3
     app.AsyncResult("running").forget()
     app.AsyncResult("done").forget()
-    assert r.dbsize() == 0
+    # The waits of other processes stay registered; their registration expires.
+    assert r.keys("*") == [watchers.encode()]
+    assert 0 < r.pttl(watchers) <= 60_000
     assert app.AsyncResult("done").state == states.PENDING
 
 
