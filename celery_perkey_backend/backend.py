@@ -31,7 +31,7 @@ from .prometheus import sweep_and_publish
 from .settings import Settings
 from .stats import KeyStats, collect_stats
 from .store import Record, ResultStore
-from .sweep import SweepOptions, SweepSummary
+from .sweep import SweepSummary
 from .tasks import register_sweep_task
 from .urls import mask_url
 from .waiting import PARENT_CHECK, Waiter, within_deadline
@@ -65,6 +65,17 @@ class JoinPrefetch:
         for stale in set(self.kept) - set(others) - {task_id}:
             del self.kept[stale]
         return others[: PREFETCH_LIMIT - 1]
+
+    def read(
+        self, task_id: str, fetch: Callable[[list[str]], dict[str, Meta]], read_once: bool
+    ) -> Meta | None:
+        """``task_id``'s meta if kept, else as ``fetch`` finds it, reading the other
+        pending ids along (not when read-once: a take consumes what it reads)."""
+        kept = self.kept.pop(task_id, None)
+        if kept is not None:
+            return kept
+        others = [] if read_once else self.others(task_id)
+        return self.keep(task_id, fetch([task_id, *others]))
 
     def keep(self, task_id: str, found: dict[str, Meta]) -> Meta | None:
         """Keep the SUCCESSes among ``found`` for later; ``task_id``'s meta, if found."""
@@ -166,10 +177,6 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         return isinstance(exc, BackendUnavailableError)
 
     # -- the sweep and the figures ----------------------------------------------------
-
-    def sweep_options(self, **overrides: Any) -> SweepOptions:
-        """The sweep's options: the ``perkey_sweep_*`` settings, then ``overrides``."""
-        return SweepOptions.from_settings(self.settings, **overrides)
 
     def run_sweep(
         self, progress: Callable[[int, int], None] | None = None, **options: Any
@@ -404,16 +411,9 @@ class PerkeyBackend(KeyValueStoreBackend):  # type: ignore[misc]
         cap: float | None = None,
     ) -> Meta:
         read_once = self.settings.read_once
-        token = uuid.uuid4().hex  # one for every retry of the first read's take
-
-        def first() -> Meta | None:
-            kept = self.prefetch.kept.pop(task_id, None)
-            if kept is not None:
-                return kept
-            others = [] if read_once else self.prefetch.others(task_id)
-            found = self._fetch_ready([task_id, *others], consume=read_once, token=token)
-            return self.prefetch.keep(task_id, found)
-
+        # One token for every retry of the first read's take.
+        fetch = functools.partial(self._fetch_ready, consume=read_once, token=uuid.uuid4().hex)
+        first = functools.partial(self.prefetch.read, task_id, fetch, read_once)
         # Through the multiplexer, registering reads the task (and concurrent waits
         # register together): no read of its own, on a connection of its own.
         return self.waiter.until_ready(

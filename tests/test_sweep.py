@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import tracemalloc
 from typing import Any
@@ -12,7 +13,7 @@ from celery import states
 
 from celery_perkey_backend import ConfigurationError
 from celery_perkey_backend.settings import parse_duration
-from celery_perkey_backend.sweep import SweepSummary, sweep
+from celery_perkey_backend.sweep import SweepOptions, SweepSummary, sweep
 from celery_perkey_backend.testing import EmbeddedServer
 
 from .conftest import wait_until
@@ -230,23 +231,27 @@ def test_settings_drive_the_sweep(make_app: Any) -> None:
         perkey_sweep_ttl=60,
         perkey_sweep_batch_size=7,
     )
-    options = app.backend.sweep_options()
+    options_of = functools.partial(SweepOptions.from_settings, app.backend.settings)
+    options = options_of()
     assert (options.max_age, options.delete, options.ttl, options.batch_size) == (
         7200.0,
         True,
         60.0,
         7,
     )
-    assert app.backend.sweep_options(max_age=5, dry_run=True).max_age == 5.0
+    assert options_of(max_age=5, dry_run=True).max_age == 5.0
     # SCAN's COUNT follows the batch size unless it is set.
-    assert app.backend.sweep_options().scan_count == 7
-    assert app.backend.sweep_options(batch_size=50).scan_count == 50
-    assert app.backend.sweep_options(scan_count=30).scan_count == 30
-    assert make_app(perkey_sweep_scan_count=40).backend.sweep_options().scan_count == 40
+    assert options_of().scan_count == 7
+    assert options_of(batch_size=50).scan_count == 50
+    assert options_of(scan_count=30).scan_count == 30
+    assert (
+        SweepOptions.from_settings(make_app(perkey_sweep_scan_count=40).backend.settings).scan_count
+        == 40
+    )
     with pytest.raises(ConfigurationError, match="bogus"):
-        app.backend.sweep_options(bogus=1)
+        options_of(bogus=1)
     with pytest.raises(ConfigurationError, match="max_age"):
-        app.backend.sweep_options(max_age="soon")
+        options_of(max_age="soon")
 
 
 @pytest.mark.parametrize(
