@@ -519,6 +519,12 @@ def redis_errors(
         raise BackendUnavailableError(
             f"{where}: Redis at {mask_url(url)} is unavailable: {said}"
         ) from exc
+    except RedisClusterException as exc:
+        # Not a RedisError: no node of the cluster could be reached to learn its slots.
+        said = redact(str(exc), url)
+        raise BackendUnavailableError(
+            f"{where}: Redis at {mask_url(url)} is unavailable: {said}"
+        ) from exc
     except redis.RedisError as exc:
         text = redact(str(exc), url)
         # In a pipeline redis-py puts "Command # 2 (WAIT 1 1000) of pipeline caused

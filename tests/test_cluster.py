@@ -310,3 +310,21 @@ def test_keys_of_redis_are_read_and_counted_on_a_cluster(capp: Any, cluster: Loc
     shown = render(backend.store).decode()
     assert shown.count("perkey_server_maxclients{") == 3
     assert "perkey_sweeps_total 2.0" in shown
+
+
+def test_a_cluster_with_no_node_left_is_an_outage(make_app: Any) -> None:
+    """With every node gone, redis-py says "Redis Cluster cannot be connected" with an
+    exception outside its RedisError family: it is an outage like any other, and the
+    multiplexer's last clean-up does not die of it."""
+    with LocalCluster(replicas_per_primary=0) as lonely:
+        app = make_app(
+            backend=lonely.url,
+            broker_url="memory://",
+            result_backend_transport_options={"retry_policy": {"max_retries": 0}},
+        )
+        app.backend.store_result("t1", 1, states.SUCCESS)
+        assert app.AsyncResult("t1").get(timeout=5) == 1
+    with pytest.raises(BackendUnavailableError, match="unavailable"):
+        app.backend.store_result("t2", 2, states.SUCCESS)
+    with pytest.raises(BackendUnavailableError, match="unavailable"):
+        app.backend.store.delete("anything")
