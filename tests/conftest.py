@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from celery.contrib.testing.worker import start_worker
 from click.testing import CliRunner, Result
 from prometheus_client.parser import text_string_to_metric_families
 
+from celery_perkey_backend import multiplex
 from celery_perkey_backend.cli import perkey
 from celery_perkey_backend.testing import EmbeddedServer
 
@@ -78,6 +80,51 @@ def app(make_app: Callable[..., Celery]) -> Celery:
 def worker(app: Celery) -> Iterator[Any]:
     with running_worker(app) as w:
         yield w
+
+
+@pytest.fixture
+def own() -> Iterator[EmbeddedServer]:
+    """A server of its own: a fresh multiplexer, whose checks run at once."""
+    with EmbeddedServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def fast_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The multiplexer's checks every 0.3 s instead of 5 s: each reads every waited task
+    in one batch, and the tests need not wait that long."""
+    monkeypatch.setattr(multiplex, "CHECK_INTERVAL", 0.3)
+
+
+class Waiting:
+    """A wait running in a thread, its outcome (value or exception) collected."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.outcome: list[Any] = []
+
+        def run() -> None:
+            try:
+                self.outcome.append(call())
+            except BaseException as exc:
+                self.outcome.append(exc)
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+
+    def result(self, timeout: float = 30) -> Any:
+        self.thread.join(timeout)
+        assert self.outcome, "the wait did not end"
+        return self.outcome[0]
+
+
+def timed(call: Callable[[], object]) -> tuple[BaseException | None, float]:
+    """What ``call`` raised (``None`` if nothing), and how long it took."""
+    started = time.monotonic()
+    try:
+        call()
+    except BaseException as exc:
+        return exc, time.monotonic() - started
+    return None, time.monotonic() - started
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +21,7 @@ from celery.exceptions import TimeoutError
 from celery_perkey_backend import BackendUnavailableError
 from celery_perkey_backend.testing import free_port
 
-from .conftest import wait_for_blocked_clients
+from .conftest import timed, wait_for_blocked_clients
 from .netproxy import Proxy
 
 #: How far past its deadline a wait may end here: the promise is about 0.5 s, the rest
@@ -37,20 +36,11 @@ def stalled(make_app: Any, server: Any) -> Iterator[tuple[Proxy, Any]]:
     proxy.close()
 
 
-def _timed(call: Any) -> tuple[BaseException | None, float]:
-    started = time.monotonic()
-    try:
-        call()
-    except BaseException as exc:
-        return exc, time.monotonic() - started
-    return None, time.monotonic() - started
-
-
 def test_a_link_stalled_before_the_wait(stalled: tuple[Proxy, Any]) -> None:
     proxy, app = stalled
     app.backend.store_result("warm", 1, states.SUCCESS)  # a pooled connection exists
     proxy.blackholed = True
-    error, elapsed = _timed(lambda: app.AsyncResult("t1").get(timeout=3))
+    error, elapsed = timed(lambda: app.AsyncResult("t1").get(timeout=3))
     assert isinstance(error, TimeoutError)
     assert elapsed < 3 + SLACK
 
@@ -58,7 +48,7 @@ def test_a_link_stalled_before_the_wait(stalled: tuple[Proxy, Any]) -> None:
 def test_a_link_stalled_before_the_first_connection(stalled: tuple[Proxy, Any]) -> None:
     proxy, app = stalled
     proxy.blackholed = True  # the TCP connect succeeds; the handshake gets no answer
-    error, elapsed = _timed(lambda: app.AsyncResult("t1").get(timeout=2))
+    error, elapsed = timed(lambda: app.AsyncResult("t1").get(timeout=2))
     assert isinstance(error, TimeoutError)
     assert elapsed < 2 + SLACK
 
@@ -73,7 +63,7 @@ def test_a_link_that_stalls_mid_wait(
     kwargs: dict[str, Any] = {"on_message": lambda meta: None} if on_message else {}
 
     def wait() -> None:
-        outcome.extend(_timed(lambda: app.AsyncResult("t1").get(timeout=4, **kwargs)))
+        outcome.extend(timed(lambda: app.AsyncResult("t1").get(timeout=4, **kwargs)))
 
     waiter = threading.Thread(target=wait)
     waiter.start()
@@ -92,7 +82,7 @@ def test_a_group_join_on_a_stalled_link(stalled: tuple[Proxy, Any]) -> None:
         app.backend.store_result(f"t{i}", i, states.SUCCESS)
     proxy.blackholed = True
     group = app.GroupResult("g", [app.AsyncResult(f"t{i}") for i in range(4)])
-    error, elapsed = _timed(lambda: group.get(timeout=2))
+    error, elapsed = timed(lambda: group.get(timeout=2))
     assert isinstance(error, TimeoutError)
     assert elapsed < 2 + SLACK
 
@@ -120,7 +110,7 @@ def plain_port() -> Iterator[int]:
 
 def test_a_tls_url_to_a_server_without_tls(make_app: Any, server: Any) -> None:
     app = make_app(backend=f"perkey+rediss://127.0.0.1:{server.port}/0?ssl_cert_reqs=CERT_NONE")
-    error, elapsed = _timed(lambda: app.AsyncResult("t1").get(timeout=3))
+    error, elapsed = timed(lambda: app.AsyncResult("t1").get(timeout=3))
     assert isinstance(error, TimeoutError)
     assert elapsed < 3 + SLACK
 
@@ -133,7 +123,7 @@ def test_the_connect_timeout_bounds_a_tls_handshake_for_stores(
         redis_socket_connect_timeout=1,
         result_backend_transport_options={"retry_policy": {"max_retries": 1}},
     )
-    error, elapsed = _timed(lambda: app.backend.store_result("t1", 1, states.SUCCESS))
+    error, elapsed = timed(lambda: app.backend.store_result("t1", 1, states.SUCCESS))
     assert isinstance(error, BackendUnavailableError)
     # Two attempts of 1 s each, not two of redis_socket_timeout (120 s by default).
     assert elapsed < 2 + SLACK
@@ -145,6 +135,6 @@ def test_the_default_connect_timeout_is_short(make_app: Any, plain_port: int) ->
         result_backend_transport_options={"retry_policy": {"max_retries": 0}},
     )
     assert app.backend.settings.connection_options["socket_connect_timeout"] == 5.0
-    error, elapsed = _timed(lambda: app.AsyncResult("t1").state)
+    error, elapsed = timed(lambda: app.AsyncResult("t1").state)
     assert isinstance(error, BackendUnavailableError)
     assert elapsed < 5 + SLACK

@@ -23,21 +23,12 @@ from celery.exceptions import TimeoutError
 from celery_perkey_backend import aio
 from celery_perkey_backend.testing import free_port
 
-from .conftest import wait_for_blocked_clients
+from .conftest import timed, wait_for_blocked_clients
 from .netproxy import Proxy
 
 #: How far past its deadline a call may end here: the promise is 0.5 s, the rest is room
 #: for a loaded test machine.
 SLACK = 0.5 + 2.0
-
-
-def _timed(call: Any) -> tuple[BaseException | None, float]:
-    started = time.monotonic()
-    try:
-        call()
-    except BaseException as exc:
-        return exc, time.monotonic() - started
-    return None, time.monotonic() - started
 
 
 @pytest.fixture(params=[False, True], ids=["own-connection", "multiplexed"])
@@ -57,7 +48,7 @@ def stalled_chain(make_app: Any, server: Any, request: Any) -> Iterator[tuple[Pr
 def test_get_of_a_chain_on_a_stalled_link(stalled_chain: tuple[Proxy, Any, Any]) -> None:
     """The parent check before the wait runs under the wait's deadline."""
     _, _, result = stalled_chain
-    error, elapsed = _timed(lambda: result.get(timeout=3))
+    error, elapsed = timed(lambda: result.get(timeout=3))
     assert isinstance(error, TimeoutError), repr(error)
     assert elapsed < 3 + SLACK
 
@@ -104,7 +95,7 @@ def test_a_chain_whose_link_stalls_mid_wait(
         kwargs: dict[str, Any] = {"on_message": lambda meta: None} if on_message else {}
         outcome: list[Any] = []
         waiter = threading.Thread(
-            target=lambda: outcome.extend(_timed(lambda: result.get(timeout=4, **kwargs)))
+            target=lambda: outcome.extend(timed(lambda: result.get(timeout=4, **kwargs)))
         )
         waiter.start()
         wait_for_blocked_clients(r, 1)  # the wait (or the multiplexer's reader) blocks
@@ -119,7 +110,7 @@ def test_a_chain_whose_link_stalls_mid_wait(
 
 @pytest.mark.timeout(30)
 def test_a_nan_timeout_is_refused(app: Any) -> None:
-    error, _ = _timed(lambda: app.AsyncResult("never-stored").get(timeout=math.nan))
+    error, _ = timed(lambda: app.AsyncResult("never-stored").get(timeout=math.nan))
     assert isinstance(error, ValueError), repr(error)
     assert "nan" in str(error)
 
@@ -131,7 +122,7 @@ def test_a_negative_timeout_is_taken_as_zero(make_app: Any, multiplex: bool) -> 
     app = make_app(perkey_multiplex=multiplex)
     app.backend.store_result("stored", 42, states.SUCCESS)
     assert app.AsyncResult("stored").get(timeout=-5) == 42
-    error, elapsed = _timed(lambda: app.AsyncResult("never-stored").get(timeout=-5))
+    error, elapsed = timed(lambda: app.AsyncResult("never-stored").get(timeout=-5))
     assert isinstance(error, TimeoutError), repr(error)
     assert elapsed < 0 + SLACK
 
@@ -189,6 +180,6 @@ def test_get_with_every_sentinel_down(
             ports.append(proxy.port)
     url = "perkey+" + ";".join(f"sentinel://127.0.0.1:{port}" for port in ports) + "/0"
     app = make_app(backend=url, result_backend_transport_options={"master_name": "mymaster"})
-    error, elapsed = _timed(lambda: app.AsyncResult("t1").get(timeout=2))
+    error, elapsed = timed(lambda: app.AsyncResult("t1").get(timeout=2))
     assert isinstance(error, TimeoutError), repr(error)
     assert elapsed < 2 + SLACK

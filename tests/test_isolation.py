@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ import redis
 from celery import states
 from celery.exceptions import TimeoutError
 
-from celery_perkey_backend import aio, multiplex
+from celery_perkey_backend import aio
 from celery_perkey_backend.errors import InvalidIdError, StoreCommandError
 from celery_perkey_backend.store import parse_note
 from celery_perkey_backend.testing import EmbeddedServer
@@ -31,18 +31,6 @@ from .conftest import wait_until
 from .netproxy import Proxy
 
 HEALTHY = [f"ok{i}" for i in range(100)]
-
-
-@pytest.fixture
-def own() -> Iterator[EmbeddedServer]:
-    with EmbeddedServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def fast_checks(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every check reads every waited task in one batch: a spoiled batch shows at once.
-    monkeypatch.setattr(multiplex, "CHECK_INTERVAL", 0.3)
 
 
 def _app(make_app: Any, port: int, **conf: Any) -> Any:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,11 +19,11 @@ import redis
 from celery import states
 from celery.exceptions import TimeoutError
 
-from celery_perkey_backend import aio, multiplex, scripts
+from celery_perkey_backend import aio, scripts
 from celery_perkey_backend.store import INLINE_MAX
 from celery_perkey_backend.testing import EmbeddedServer
 
-from .conftest import wait_until
+from .conftest import Waiting, wait_until
 
 MODES = ["sync", "aio"]
 
@@ -35,40 +33,6 @@ def _get(app: Any, task_id: str, mode: str, timeout: float, **kwargs: Any) -> An
     if mode == "sync":
         return result.get(timeout=timeout, **kwargs)
     return asyncio.run(aio.wait(result, timeout=timeout, **kwargs))
-
-
-class Waiting:
-    """A wait running in a thread, its outcome collected."""
-
-    def __init__(self, call: Callable[[], Any]) -> None:
-        self.outcome: list[Any] = []
-
-        def run() -> None:
-            try:
-                self.outcome.append(call())
-            except BaseException as exc:
-                self.outcome.append(exc)
-
-        self.thread = threading.Thread(target=run)
-        self.thread.start()
-
-    def result(self, timeout: float = 30) -> Any:
-        self.thread.join(timeout)
-        assert self.outcome, "the wait did not end"
-        return self.outcome[0]
-
-
-@pytest.fixture
-def own() -> Iterator[EmbeddedServer]:
-    """A server of its own: a fresh multiplexer, whose checks run at once."""
-    with EmbeddedServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def fast_checks(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The safety checks run every 5 s; the tests need not wait that long.
-    monkeypatch.setattr(multiplex, "CHECK_INTERVAL", 0.3)
 
 
 def _app(make_app: Any, srv: EmbeddedServer, **conf: Any) -> Any:

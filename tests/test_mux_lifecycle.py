@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,13 +18,7 @@ from celery import states
 from celery_perkey_backend import BackendUnavailableError, aio, multiplex
 from celery_perkey_backend.testing import EmbeddedServer
 
-from .conftest import wait_until
-
-
-@pytest.fixture
-def own() -> Iterator[EmbeddedServer]:
-    with EmbeddedServer() as srv:
-        yield srv
+from .conftest import Waiting, wait_until
 
 
 def _app(make_app: Any, srv: EmbeddedServer, name: str = "mux", **conf: Any) -> Any:
@@ -45,25 +38,6 @@ def _threads(mux: multiplex.Multiplexer) -> list[threading.Thread]:
 
 def _clients(client: redis.Redis, name: str) -> int:
     return len([c for c in client.client_list() if c["name"] == name])
-
-
-class Waiting:
-    def __init__(self, call: Any) -> None:
-        self.outcome: list[Any] = []
-
-        def run() -> None:
-            try:
-                self.outcome.append(call())
-            except BaseException as exc:
-                self.outcome.append(exc)
-
-        self.thread = threading.Thread(target=run)
-        self.thread.start()
-
-    def result(self, timeout: float = 30) -> Any:
-        self.thread.join(timeout)
-        assert self.outcome, "the wait did not end"
-        return self.outcome[0]
 
 
 # -- registrations ------------------------------------------------------------------------
