@@ -36,9 +36,9 @@ from .backend import PerkeyBackend
 from .connection import READ_MARGIN
 from .deadline import Deadline
 from .errors import BackendUnavailableError, ConfigurationError
-from .multiplex import Watch
 from .store import Record
 from .waiting import MAX_BLOCK, PARENT_CHECK, Steps, timed_out
+from .watches import Watch
 
 __all__ = ["as_completed", "wait", "watch"]
 

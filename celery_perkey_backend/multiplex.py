@@ -47,7 +47,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .connection import bounded_by
@@ -59,8 +58,9 @@ from .errors import (
     StoreCommandError,
     quote_id,
 )
-from .keys import parse_ready
+from .outage import Outage
 from .store import Note, Probe, Record, ResultStore, parse_note
+from .watches import Watch, hand_on
 
 __all__ = [
     "CHECK_INTERVAL",
@@ -69,9 +69,7 @@ __all__ = [
     "POLL_INTERVAL",
     "RENEW_AFTER",
     "STEP",
-    "Initial",
     "Multiplexer",
-    "Watch",
     "multiplexer_for",
     "stop_multiplexer",
     "warn_server_full",
@@ -113,55 +111,6 @@ IDLE_STOP = 30.0
 BATCH = 1000
 
 
-@dataclass(frozen=True)
-class Initial:
-    """The first item of a watch: the task's state when it was registered (or ``None``)."""
-
-    record: Record | None
-
-
-Item = Record | Initial | BaseException
-
-
-@dataclass(eq=False)
-class Watch:
-    """One wait, as the multiplexer sees it: the task, what it wants, and its mailbox.
-
-    ``wake`` is called (from a background thread) whenever items arrive; the wait
-    takes them with :meth:`take`, and releases it when done.
-    """
-
-    task_id: str
-    wake: Callable[[], None]
-    progress: bool = False
-    consume: bool = False
-    items: deque[Item] = field(default_factory=deque)
-    shown: bytes | None = None
-    #: Whether its :class:`Initial` was handed on.
-    started: bool = False
-    #: Notifications that came before its registration's reply: handed on after it.
-    early: list[Record] = field(default_factory=list)
-    #: A read-once wait whose registration found the result: it starts with the take.
-    taking: bool = False
-    #: When the state it has last was written (server ms; ``None``: unknown).
-    shown_ms: int | None = None
-    #: The multiplexer that serves it.
-    owner: Multiplexer | None = field(default=None, repr=False)
-    #: Whether its waiter can still take what arrives (``None``: as long as it lives);
-    #: the full checks release those that cannot (an event loop closed by hand).
-    alive: Callable[[], bool] | None = field(default=None, repr=False)
-
-    def push(self, item: Item) -> None:
-        self.items.append(item)
-        self.wake()
-
-    def take(self) -> list[Item]:
-        taken = []
-        while self.items:
-            taken.append(self.items.popleft())
-        return taken
-
-
 class Multiplexer:
     """The waits of one process on one store configuration (see the module docs).
 
@@ -196,10 +145,8 @@ class Multiplexer:
         self._idle_since: float | None = time.monotonic()
         self._check_all = False
         self._next_check = 0.0
-        self._failures = 0
-        self._down_since: float | None = None
-        self._warned = False
-        self._quiet_until = 0.0
+        #: Its background threads' failures since the server last answered.
+        self.outage = Outage(store.policy, quiet=READER_BLOCK + STEP + 1.0)
         self._threads = [
             threading.Thread(target=target, name=f"perkey-{name}-{self.inbox}", daemon=True)
             for name, target in (("reader", self._read_loop), ("registrar", self._register_loop))
@@ -217,7 +164,7 @@ class Multiplexer:
         consume: bool = False,
         alive: Callable[[], bool] | None = None,
     ) -> Watch:
-        """Start waiting on ``task_id``: its state arrives first (an :class:`Initial`),
+        """Start waiting on ``task_id``: its state arrives first (an :class:`~.watches.Initial`),
         then each new state as a :class:`Record`, or an error. ``alive`` says whether
         the waiter can still take them; once it says no, the wait is released.
 
@@ -352,64 +299,12 @@ class Multiplexer:
     def _deliver(
         self, task_id: str, record: Record | None, initial: bool = False, taken: bool = False
     ) -> None:
-        """Hand ``record`` to the waits of ``task_id`` that want it, once each.
-
-        ``initial``: the task's state at its registration, which each wait starts with
-        (an :class:`Initial`); what arrives for a wait before that is handed on after
-        it. A read-once wait gets a ready result only once the registrar has taken it
-        (``taken``; ``None`` when another reader took it first): of several such waits
-        here, one gets it.
-        """
+        """Hand ``record`` to the waits of ``task_id`` (:func:`~.watches.hand_on`); a
+        read-once wait that wants it taken first has the registrar take it."""
         with self._lock:
             watches = list(self._watches.get(task_id, ()))
-        taker = True
-        for watch in watches:
-            if watch.consume and (taken or (record is not None and record.kind == "ready")):
-                if not taken:
-                    # A registration renewed under a started wait starts nothing.
-                    watch.taking = watch.taking or (initial and not watch.started)
-                    self._want(self._to_take, task_id)
-                    continue
-                got = record if taker else None
-                taker = taker and got is None
-                if watch.taking:
-                    watch.taking = False
-                    self._start(watch, got)
-                elif got is not None:
-                    self._pass(watch, got)
-            elif initial:
-                if not watch.started:
-                    self._start(watch, record)
-                elif record is not None:
-                    self._pass(watch, record)  # another wait's registration: if new
-            elif record is not None:
-                self._pass(watch, record)
-
-    @staticmethod
-    def _start(watch: Watch, record: Record | None) -> None:
-        """Start a wait with its task's state at registration, then what came since."""
-        watch.started = True
-        watch.shown = None if record is None else record.payload
-        watch.shown_ms = _written(record)
-        watch.push(Initial(record))
-        early, watch.early = watch.early, []
-        for later in early:
-            Multiplexer._pass(watch, later)
-
-    @staticmethod
-    def _pass(watch: Watch, record: Record) -> None:
-        """Hand a state on, unless it is not new to the wait, older than what it has
-        (a check's read overtaken by a notification), or not for it."""
-        if not watch.started:
-            watch.early.append(record)  # its registration's reply is still on its way
-            return
-        written = _written(record)
-        older = written is not None and watch.shown_ms is not None and written < watch.shown_ms
-        wanted = watch.progress or record.kind != "progress"
-        if record.payload != watch.shown and wanted and not older:
-            watch.shown = record.payload
-            watch.shown_ms = written
-            watch.push(record)
+        if hand_on(watches, record, initial, taken):
+            self._want(self._to_take, task_id)
 
     def _fail(self, error: BaseException) -> None:
         """Fail every wait (the connection stayed lost past the retry policy)."""
@@ -484,51 +379,17 @@ class Multiplexer:
         )
 
     def _trouble(self, exc: PerkeyError) -> float:
-        """Note a failure, and return how long to pause before trying again.
-
-        A lost connection is retried: the first failure of an outage logs one warning
-        (when there are waits, and the process is not exiting); once the failures
-        outnumber the retry policy's retries and outlast its pauses, every wait fails
-        with it. Any other failure that reaches here (refused access) fails every wait
-        at once: what one task's keys cause is dealt with before (:meth:`_isolated`).
-        """
-        now = time.monotonic()
+        """Note a failure (see :class:`~.outage.Outage`): past the retry policy, every
+        wait fails with it. How long to pause before trying again."""
         with self._lock:
-            self._failures += 1
-            failures = self._failures
-            if self._down_since is None:
-                self._down_since = now
-            down_for = now - self._down_since
-            warn = not self._warned and bool(self._watches) and now >= self._quiet_until
-            self._warned = True
-        if warn and threading.main_thread().is_alive():
-            if isinstance(exc, BackendUnavailableError):
-                logger.warning("perkey: waits lost their connection (%s); retrying", exc)
-            else:
-                logger.warning("perkey: every wait of the process failed: %s", exc)
-        policy = self.store.policy
-        limit = policy.settings.max_retries
-        budget = policy.budget_s() or 0.0
-        if not isinstance(exc, BackendUnavailableError) or (
-            limit is not None and failures > limit and down_for >= budget
-        ):
+            waits = bool(self._watches)
+        give_up, pause = self.outage.failed(exc, waits)
+        if give_up:
             self._fail(exc)
-            self._ok()
-        return min(1.0, 0.05 * (1 << min(failures, 5)))
-
-    def _ok(self) -> None:
-        """The server answers (again): the next outage is a new one. A failure that
-        follows within a reader's block is the other thread's in-flight call meeting
-        the outage that just ended: it is not warned about again."""
-        with self._lock:
-            if self._failures:
-                self._quiet_until = time.monotonic() + READER_BLOCK + STEP + 1.0
-            self._failures = 0
-            self._down_since = None
-            self._warned = False
+        return pause
 
     def _recovered(self) -> None:
-        self._ok()
+        self.outage.ok()
         with self._lock:
             self._check_all = True
         self._work.set()
@@ -556,10 +417,8 @@ class Multiplexer:
                     self._check_all = True
                 self._work.set()
                 continue
-            with self._lock:
-                recovered = self._failures > 0
-            if recovered:
-                self._ok()
+            if self.outage.failures:
+                self.outage.ok()
             self._stop_if_idle()
         self._finish()
 
@@ -754,16 +613,6 @@ class Multiplexer:
             again = bool(self._to_register)
         if again:
             self._work.set()
-
-
-def _written(record: Record | None) -> int | None:
-    """When a stored state was written (server ms), from its header; ``None`` if unknown."""
-    if record is None or record.kind == "fallback":
-        return None
-    try:
-        return parse_ready(record.payload).written_ms
-    except ValueError:
-        return None
 
 
 _full_warned = threading.Event()

@@ -44,14 +44,13 @@ from .deadline import MIN_BLOCK, Deadline
 from .errors import BackendUnavailableError, PoolExhaustedError, ServerFullError, quote_id
 from .multiplex import (
     POLL_INTERVAL,
-    Initial,
     Multiplexer,
-    Watch,
     multiplexer_for,
     stop_multiplexer,
     warn_server_full,
 )
 from .store import Record, ResultStore
+from .watches import Initial, Watch
 
 __all__ = [
     "MAX_BLOCK",

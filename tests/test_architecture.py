@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
     {"scripts"},
     {"connection"},
     {"store"},
+    {"watches", "outage"},
     {"multiplex"},
     {"waiting", "chords", "sweep", "tasks", "legacy"},
     {"stats"},

@@ -160,9 +160,9 @@ else:
     # The test cuts the connections while the reader still blocks; exit once it saw.
     sys.stdin.readline()
     end = time.monotonic() + 10
-    while not mux._failures and time.monotonic() < end:
+    while not mux.outage.failures and time.monotonic() < end:
         time.sleep(0.01)
-    print(mux._failures, flush=True)
+    print(mux.outage.failures, flush=True)
 """
 
 
