@@ -19,3 +19,5 @@ def test_the_example_ends_with_one_unambiguous_line() -> None:
     # The deliberate failure is reported as expected, and no traceback follows it.
     assert any("fails on purpose" in line and "as expected" in line for line in lines)
     assert "Traceback" not in done.stdout + done.stderr
+    # Stopping the server at the end is no outage to warn about (its waits are done).
+    assert "lost their connection" not in done.stdout + done.stderr
