@@ -19,6 +19,7 @@ import random
 import ssl
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -40,6 +41,7 @@ from .errors import (
     AccessDeniedError,
     BackendUnavailableError,
     ConfigurationError,
+    CredentialsRefusedError,
     PoolExhaustedError,
     ServerFullError,
     StoreCommandError,
@@ -286,6 +288,9 @@ def client_for(settings: Settings) -> redis.Redis:
     ------
     ConfigurationError
         If redis-py rejects the URL or an option; the URL is masked in the message.
+    BackendUnavailableError, CredentialsRefusedError
+        If a cluster, which is reached as its client is built, cannot be reached, or
+        refuses the password.
     """
     url, options = settings.redis_url, settings.connection_options
     transport = settings.transport_options
@@ -297,9 +302,20 @@ def client_for(settings: Settings) -> redis.Redis:
             try:
                 client = _build(settings)
             except (ValueError, TypeError, redis.RedisError, RedisClusterException) as exc:
-                # The parsers' errors may quote a piece of the URL.
-                why = redact(str(exc), settings.url, url)
-                raise ConfigurationError(f"result_backend {shown!r}: {why}") from None
+                # A cluster client connects as it is built: no node reachable, or a
+                # password refused, is an outage or refused credentials, not a bad URL.
+                lost = exc.__cause__
+                if not isinstance(
+                    lost, redis.ConnectionError | redis.TimeoutError | redis.AuthenticationError
+                ):
+                    # The parsers' errors may quote a piece of the URL.
+                    why = redact(str(exc), settings.url, url)
+                    raise ConfigurationError(f"result_backend {shown!r}: {why}") from None
+            if client is None:
+                # Raised here, outside the handler, so that no chain loops back.
+                assert isinstance(lost, redis.RedisError)
+                with redis_errors("connect to the cluster", settings.url):
+                    raise lost
             _clients[ident] = client
     return client
 
@@ -462,7 +478,9 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
     try:
         yield
     # Every message names the URL masked; what redis-py says is redacted of its secrets.
-    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+    except redis.AuthenticationError as exc:
+        raise _refused(where, url, exc) from exc
+    except redis.exceptions.NoPermissionError as exc:
         said = redact(str(exc), url)
         raise AccessDeniedError(
             f"{where}: Redis at {mask_url(url)} refused access: {said}"
@@ -473,11 +491,11 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
         tls = _tls_failure(exc)
         said = redact(str(exc if tls is None else tls), url)
         if tls is not None:
-            raise AccessDeniedError(
-                f"{where}: the TLS handshake with {mask_url(url)} failed: {said}"
+            raise CredentialsRefusedError(
+                f"{where}: the TLS handshake with {mask_url(url)} failed: {said}{_tls_hint(tls)}"
             ) from exc
         raise BackendUnavailableError(
-            f"{where}: Redis at {mask_url(url)} is unavailable: {said}"
+            f"{where}: Redis at {mask_url(url)} is unavailable: {said}{_tls_hint(exc)}"
         ) from exc
     except redis.RedisError as exc:
         text = redact(str(exc), url)
@@ -491,7 +509,9 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
             raise BackendUnavailableError(
                 f"{where}: Redis at {mask_url(url)} is changing its topology: {text}"
             ) from exc
-        if code.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
+        if code.startswith(("WRONGPASS", "NOAUTH")):
+            raise _refused(where, url, exc) from exc
+        if code.startswith("NOPERM"):
             raise AccessDeniedError(
                 f"{where}: Redis at {mask_url(url)} refused access: {text}"
             ) from exc
@@ -501,6 +521,41 @@ def redis_errors(where: str, url: str, key: str | None = None) -> Iterator[None]
         if "WRONGTYPE" in text:
             text = "the key holds a value of another type than this backend writes"
         raise StoreCommandError(f"{where}{about}: {text}") from exc
+
+
+#: How servers word NOAUTH, for redis-py versions that do not keep the error's code.
+_NOAUTH_TEXTS = ("NOAUTH", "Authentication required", "HELLO must be called with the client")
+
+
+def _refused(where: str, url: str, exc: redis.RedisError) -> CredentialsRefusedError:
+    """Our own words for credentials the server refused, or wants and did not get."""
+    shown = mask_url(url)
+    text = redact(str(exc), url)
+    if getattr(exc, "status_code", None) == "NOAUTH" or text.startswith(_NOAUTH_TEXTS):
+        return CredentialsRefusedError(
+            f"{where}: Redis at {shown} requires a password, and none was given; give one "
+            "in the URL (perkey://:password@host:6379/0, or user:password@) or in "
+            "redis_password"
+        )
+    return CredentialsRefusedError(
+        f"{where}: Redis at {shown} refused the password (or user) given: {text}"
+    )
+
+
+def _tls_hint(exc: BaseException) -> str:
+    """A hint when a TLS handshake failed the way it does with a server that does not
+    speak TLS: no answer to it at all, or an answer that is no TLS."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return ""
+        frames = traceback.extract_tb(seen.__traceback__)
+        if isinstance(seen, ssl.SSLError) or (
+            isinstance(seen, TimeoutError) and frames and frames[-1].name == "do_handshake"
+        ):
+            return " (does the server speak TLS? a rediss:// URL needs a TLS port)"
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 def _tls_failure(exc: BaseException) -> BaseException | None:

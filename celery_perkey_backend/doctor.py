@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from .errors import BackendUnavailableError, PerkeyError
+from .errors import BackendUnavailableError, CredentialsRefusedError, PerkeyError
 from .stats import collect_stats
 from .store import ResultStore
 from .sweep import HasStore, store_of
@@ -562,6 +562,8 @@ def diagnose(target: ResultStore | HasStore, sample_limit: int = 100_000) -> Rep
     ------
     BackendUnavailableError
         If no server can be reached at all.
+    CredentialsRefusedError
+        If a server refuses the password or user (or wants one), or the TLS handshake.
     """
     store = store_of(target)
     settings = store.settings
@@ -572,8 +574,10 @@ def diagnose(target: ResultStore | HasStore, sample_limit: int = 100_000) -> Rep
             server.info("server")
         except BackendUnavailableError as exc:
             lost.append(exc)
+        except CredentialsRefusedError:
+            raise  # not let in at all (password, TLS): no rule could read anything
         except PerkeyError:
-            pass  # refused, not unreachable: the rules will say what they cannot read
+            pass  # a command refused (NOPERM): the rules will say what they cannot read
     if len(lost) == len(servers):
         raise lost[0]
     pool = settings.connection_options.get("max_connections")
