@@ -24,7 +24,7 @@ from .keys import LEGACY_KINDS, parse_ready
 from .legacy import LegacySurvey, expire_legacy, survey
 from .prometheus import render, write_textfile
 from .settings import parse_duration
-from .stats import TTL_BUCKETS, collect_stats
+from .stats import TTL_BUCKETS, collect_stats, human_bytes
 from .store import Record
 from .sweep import CLASSES
 from .tasks import uses_perkey
@@ -110,11 +110,11 @@ def stats(ctx: click.Context, as_json: bool, sample_limit: int, verbose: bool) -
         ("chords stalled", str(figures.chords_stalled)),
         (
             "bytes per key (sampled)",
-            "-" if figures.bytes_per_key is None else _human_bytes(figures.bytes_per_key),
+            "-" if figures.bytes_per_key is None else human_bytes(figures.bytes_per_key),
         ),
         ("our keys", str(figures.our_keys)),
         ("keys in database", str(figures.db_keys)),
-        ("used memory", _human_bytes(figures.used_memory)),
+        ("used memory", human_bytes(figures.used_memory)),
     ]
     for kind in LEGACY_KINDS:
         count, bare = figures.legacy_keys.get(kind, 0), figures.legacy_without_ttl.get(kind, 0)
@@ -197,6 +197,11 @@ def sweep_command(
         verbs = {"ttl": "set ttl on", "unlink": "unlink", "repair": "repair the chord of"}
         for action, key in summary.planned:
             click.echo(f"would {verbs[action]} {key}")
+        if summary.planned_total > len(summary.planned):
+            click.echo(
+                f"(listed the first {len(summary.planned)} of {summary.planned_total} "
+                "actions it would take; the counts above are complete)"
+            )
         click.echo(summary.line())
     if summary.skipped_locked:
         sys.exit(EXIT_LOCKED)
@@ -367,16 +372,6 @@ def _verdict(report: LegacySurvey) -> str:
     elif report.last_expiry_s is not None:
         line += f"; the last expires in {report.last_expiry_s:.0f}s"
     return line
-
-
-def _human_bytes(size: float) -> str:
-    """``1536`` as ``1.5 KiB``: sizes an operator reads at a glance."""
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    step = 0
-    while size >= 1024 and step < len(units) - 1:
-        size /= 1024
-        step += 1
-    return f"{size:.0f} B" if step == 0 else f"{size:.1f} {units[step]}"
 
 
 def _safe(raw: Any, limit: int = 200) -> str:

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import redis
 
 from .errors import BackendUnavailableError, CredentialsRefusedError, PerkeyError
-from .stats import collect_stats
+from .stats import collect_stats, human_bytes
 from .store import ResultStore
 from .sweep import HasStore, store_of
 from .waiting import MAX_BLOCK, block_cap
@@ -306,7 +306,8 @@ def _eviction(server: Server, expires: bool) -> Verdict:
         )
     return Verdict(
         "danger",
-        f"maxmemory-policy is {policy} with maxmemory {limit}: the server evicts {what}",
+        f"maxmemory-policy is {policy} with maxmemory {human_bytes(limit)}: the server "
+        f"evicts {what}",
         details,
     )
 
@@ -316,8 +317,11 @@ def _memory(server: Server) -> Verdict:
     limit = int(server.field("memory", "maxmemory"))
     details = {"used_memory": used, "maxmemory": limit}
     if not limit:
-        return Verdict("ok", f"no maxmemory set; used_memory {used}", details)
-    text = f"used_memory {used} is {_share(used, limit)} of maxmemory {limit}"
+        return Verdict("ok", f"no maxmemory set; used_memory {human_bytes(used)}", details)
+    text = (
+        f"used_memory {human_bytes(used)} is {_share(used, limit)} of maxmemory "
+        f"{human_bytes(limit)}"
+    )
     if used >= FULL * limit:
         return Verdict("danger", text, details)
     if used >= NEAR * limit:

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery, states
 
 from celery_perkey_backend import ConfigurationError, CredentialsRefusedError, PerkeyError, cli
 from celery_perkey_backend.settings import Settings
+from celery_perkey_backend.sweep import PLAN_LIMIT
 from celery_perkey_backend.testing import EmbeddedServer, free_port
 
 from .conftest import run_cli
@@ -204,3 +206,45 @@ def test_an_unreachable_plain_url_gets_no_tls_hint(make_app: Any) -> None:
         app.backend.store_result("t1", 1, states.SUCCESS)
     assert "is unavailable" in str(failed.value)
     assert "TLS" not in str(failed.value)
+
+
+# -- a dry run that lists only part of what it would do ------------------------------------
+
+
+def test_a_dry_run_says_when_its_list_is_cut(make_app: Any, r: redis.Redis) -> None:
+    app = make_app(result_expires=None)
+    for i in range(PLAN_LIMIT + 5):
+        app.backend.store_result(f"t{i}", i, states.SUCCESS)
+    done = run_cli(app, "sweep", "--dry-run")
+    assert done.exit_code == 0, done.output
+    listed = [line for line in done.stdout.splitlines() if line.startswith("would set ttl on")]
+    assert len(listed) == PLAN_LIMIT
+    note = f"(listed the first {PLAN_LIMIT} of {PLAN_LIMIT + 5} actions it would take"
+    assert note in done.stdout
+    as_json = json.loads(run_cli(app, "sweep", "--dry-run", "--json").stdout)
+    assert (len(as_json["planned"]), as_json["planned_total"]) == (PLAN_LIMIT, PLAN_LIMIT + 5)
+    assert r.ttl(app.backend.layout.result("t0")) == -1  # nothing was changed
+
+
+def test_a_whole_dry_run_has_no_note(make_app: Any, r: redis.Redis) -> None:
+    app = make_app(result_expires=None)
+    app.backend.store_result("t1", 1, states.SUCCESS)
+    done = run_cli(app, "sweep", "--dry-run")
+    assert "would set ttl on" in done.stdout
+    assert "listed the first" not in done.stdout
+
+
+# -- sizes as people read them ------------------------------------------------------------
+
+
+def test_doctor_shows_sizes_as_stats_does(make_app: Any) -> None:
+    with EmbeddedServer(args=["--maxmemory", "10mb", "--maxmemory-policy", "allkeys-lru"]) as srv:
+        app = make_app(backend=f"perkey://127.0.0.1:{srv.port}/0")
+        done = run_cli(app, "doctor")
+        figures = json.loads(run_cli(app, "doctor", "--json").stdout)
+    assert "maxmemory-policy is allkeys-lru with maxmemory 10.0 MiB" in done.stdout
+    assert re.search(r"used_memory \d+\.\d MiB is \d+% of maxmemory 10\.0 MiB", done.stdout)
+    assert "10485760" not in done.stdout
+    # For monitoring, --json keeps the raw figures.
+    nodes = figures["findings"][1]["details"]["nodes"]
+    assert [node["maxmemory"] for node in nodes.values()] == [10485760]
