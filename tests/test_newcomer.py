@@ -5,8 +5,13 @@ doctor's findings, and where the Prometheus listener binds."""
 from __future__ import annotations
 
 import json
+import logging
 import re
+import socket
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +20,13 @@ import redis
 from celery import Celery, states
 
 from celery_perkey_backend import ConfigurationError, CredentialsRefusedError, PerkeyError, cli
+from celery_perkey_backend.prometheus import serve
 from celery_perkey_backend.settings import Settings
 from celery_perkey_backend.sweep import PLAN_LIMIT
 from celery_perkey_backend.testing import EmbeddedServer, free_port
 
-from .conftest import run_cli
+from .conftest import run_cli, value
+from .processes import celery_worker, stop
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -248,3 +255,57 @@ def test_doctor_shows_sizes_as_stats_does(make_app: Any) -> None:
     # For monitoring, --json keeps the raw figures.
     nodes = figures["findings"][1]["details"]["nodes"]
     assert [node["maxmemory"] for node in nodes.values()] == [10485760]
+
+
+# -- where the Prometheus listener binds ---------------------------------------------------
+
+
+def test_the_listener_binds_where_perkey_prometheus_addr_says(server: Any, r: redis.Redis) -> None:
+    port = free_port()
+    env = {"PERKEY_TEST_PROMETHEUS_PORT": str(port), "PERKEY_TEST_PROMETHEUS_ADDR": "127.0.0.1"}
+    worker = celery_worker(server, env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as got:
+                    text = got.read().decode()
+                break
+            except urllib.error.URLError:
+                assert worker.poll() is None, "the worker exited"
+                assert time.monotonic() < deadline, "the worker never listened"
+                time.sleep(0.1)
+        assert value(text, "perkey_up") == 1
+        # Another loopback address reaches every-interface listeners, not this one.
+        with socket.socket() as other, pytest.raises(ConnectionRefusedError):
+            other.settimeout(5)
+            other.connect(("127.0.0.2", port))
+    finally:
+        stop(worker)
+
+
+def test_the_default_is_every_interface_and_a_bad_address_fails(make_app: Any) -> None:
+    assert make_app().backend.settings.prometheus_addr == "0.0.0.0"
+    assert make_app(perkey_prometheus_addr="[::1]").backend.settings.prometheus_addr == "::1"
+    for bad in ("256.1.1.1", "local host", "", "http://127.0.0.1", 8000):
+        with pytest.raises(ConfigurationError, match="perkey_prometheus_addr=") as refused:
+            make_app(perkey_prometheus_addr=bad).backend  # noqa: B018
+        assert "an IP address of this host" in str(refused.value)
+
+
+def test_an_address_of_another_host_is_logged_clearly(
+    app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, "celery_perkey_backend"):
+        # TEST-NET-1: documentation only, never an address of this host.
+        assert serve(app.backend.store, free_port(), "192.0.2.1") is False
+    assert "cannot serve Prometheus metrics on 192.0.2.1 port" in caplog.text
+    assert "perkey_prometheus_addr" in caplog.text
+
+
+def test_the_readme_documents_perkey_prometheus_addr() -> None:
+    row = next(
+        line for line in README.read_text().splitlines() if "`perkey_prometheus_addr`" in line
+    )
+    assert "`0.0.0.0`" in row
+    assert "all interfaces" in row
