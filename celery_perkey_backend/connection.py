@@ -546,7 +546,9 @@ def _tls_hint(exc: BaseException) -> str:
     """A hint when a TLS handshake failed the way it does with a server that does not
     speak TLS: no answer to it at all, or an answer that is no TLS."""
     seen: BaseException | None = exc
-    while seen is not None:
+    walked: set[int] = set()
+    while seen is not None and id(seen) not in walked:
+        walked.add(id(seen))
         if isinstance(seen, ssl.SSLCertVerificationError):
             return ""
         frames = traceback.extract_tb(seen.__traceback__)
