@@ -1,11 +1,12 @@
 """``celery -A proj perkey …``: operator commands, added to Celery's own CLI through the
 ``celery.commands`` entry point.
 
-Exit codes: 0 done; 1 ``inspect`` found nothing; 2 usage error (or ``metrics`` without
-the ``prometheus`` extra); 3 the server cannot be reached or refused a command; 4 the app
-does not use this backend; 5 ``sweep`` skipped because another sweep holds the lock; 6
-``doctor`` found something dangerous; 7 ``migrate --check``: keys of ``redis://`` are
-still in flight.
+Exit codes (the README's table): 0 done; 1 ``inspect`` found nothing; 2 usage error; 3
+the server cannot be reached (an outage: try again later); 4 the app does not use this
+backend; 5 ``sweep`` skipped because another sweep holds the lock; 6 ``doctor`` found
+something dangerous; 7 ``migrate --check``: keys of ``redis://`` are still in flight; 8 a
+configuration error: a wrong setting or URL, a password, user, ACL right or TLS setting
+the server refuses, a missing extra (trying again cannot help).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import Any
 import click
 
 from .doctor import SEVERITIES, Report, diagnose
-from .errors import PerkeyError, quote_id
+from .errors import AccessDeniedError, ConfigurationError, PerkeyError, quote_id
 from .keys import LEGACY_KINDS, parse_ready
 from .legacy import LegacySurvey, expire_legacy, survey
 from .prometheus import render, write_textfile
 from .settings import parse_duration
-from .stats import TTL_BUCKETS, collect_stats
+from .stats import TTL_BUCKETS, collect_stats, human_bytes
 from .store import Record
 from .sweep import CLASSES
 from .tasks import uses_perkey
@@ -36,6 +37,7 @@ EXIT_NOT_PERKEY = 4
 EXIT_LOCKED = 5
 EXIT_DANGER = 6
 EXIT_IN_FLIGHT = 7
+EXIT_CONFIGURATION = 8
 
 #: Above this many keys in the database, ``sweep`` shows a progress bar.
 PROGRESS_THRESHOLD = 10_000
@@ -59,6 +61,8 @@ def _guard(func: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except (ConfigurationError, AccessDeniedError) as exc:
+            _fail(str(exc).splitlines()[0], EXIT_CONFIGURATION)
         except PerkeyError as exc:
             _fail(str(exc).splitlines()[0], EXIT_UNAVAILABLE)
 
@@ -106,11 +110,11 @@ def stats(ctx: click.Context, as_json: bool, sample_limit: int, verbose: bool) -
         ("chords stalled", str(figures.chords_stalled)),
         (
             "bytes per key (sampled)",
-            "-" if figures.bytes_per_key is None else _human_bytes(figures.bytes_per_key),
+            "-" if figures.bytes_per_key is None else human_bytes(figures.bytes_per_key),
         ),
         ("our keys", str(figures.our_keys)),
         ("keys in database", str(figures.db_keys)),
-        ("used memory", _human_bytes(figures.used_memory)),
+        ("used memory", human_bytes(figures.used_memory)),
     ]
     for kind in LEGACY_KINDS:
         count, bare = figures.legacy_keys.get(kind, 0), figures.legacy_without_ttl.get(kind, 0)
@@ -193,6 +197,11 @@ def sweep_command(
         verbs = {"ttl": "set ttl on", "unlink": "unlink", "repair": "repair the chord of"}
         for action, key in summary.planned:
             click.echo(f"would {verbs[action]} {key}")
+        if summary.planned_total > len(summary.planned):
+            click.echo(
+                f"(listed the first {len(summary.planned)} of {summary.planned_total} "
+                "actions it would take; the counts above are complete)"
+            )
         click.echo(summary.line())
     if summary.skipped_locked:
         sys.exit(EXIT_LOCKED)
@@ -255,7 +264,7 @@ def inspect(ctx: click.Context, task_id: str, as_json: bool) -> None:
 def doctor(ctx: click.Context, as_json: bool, sample_limit: int) -> None:
     """Check the server and the app's settings for hazards to results.
 
-    Exits 6 when a finding is dangerous, 0 otherwise.
+    Exits 6 when a finding is dangerous, 0 otherwise (3 or 8 when it cannot look).
     """
     report = diagnose(_backend(ctx), sample_limit=sample_limit)
     if as_json:
@@ -339,7 +348,10 @@ def metrics(ctx: click.Context, textfile: str | None) -> None:
         else:
             click.echo(render(store).decode(), nl=False)
     except ImportError:
-        _fail("prometheus_client is missing: pip install 'celery-perkey-backend[prometheus]'", 2)
+        _fail(
+            "prometheus_client is missing: pip install 'celery-perkey-backend[prometheus]'",
+            EXIT_CONFIGURATION,
+        )
 
 
 def _verdict(report: LegacySurvey) -> str:
@@ -360,16 +372,6 @@ def _verdict(report: LegacySurvey) -> str:
     elif report.last_expiry_s is not None:
         line += f"; the last expires in {report.last_expiry_s:.0f}s"
     return line
-
-
-def _human_bytes(size: float) -> str:
-    """``1536`` as ``1.5 KiB``: sizes an operator reads at a glance."""
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    step = 0
-    while size >= 1024 and step < len(units) - 1:
-        size /= 1024
-        step += 1
-    return f"{size:.0f} B" if step == 0 else f"{size:.1f} {units[step]}"
 
 
 def _safe(raw: Any, limit: int = 200) -> str:

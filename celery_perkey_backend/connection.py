@@ -19,6 +19,7 @@ import random
 import ssl
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -40,6 +41,7 @@ from .errors import (
     AccessDeniedError,
     BackendUnavailableError,
     ConfigurationError,
+    CredentialsRefusedError,
     PoolExhaustedError,
     ServerFullError,
     StoreCommandError,
@@ -292,6 +294,9 @@ def client_for(settings: Settings) -> redis.Redis:
     ------
     ConfigurationError
         If redis-py rejects the URL or an option; the URL is masked in the message.
+    BackendUnavailableError, CredentialsRefusedError
+        If a cluster, which is reached as its client is built, cannot be reached, or
+        refuses the password.
     """
     url, options = settings.redis_url, settings.connection_options
     transport = settings.transport_options
@@ -303,9 +308,20 @@ def client_for(settings: Settings) -> redis.Redis:
             try:
                 client = _build(settings)
             except (ValueError, TypeError, redis.RedisError, RedisClusterException) as exc:
-                # The parsers' errors may quote a piece of the URL.
-                why = redact(str(exc), settings.url, url)
-                raise ConfigurationError(f"result_backend {shown!r}: {why}") from None
+                # A cluster client connects as it is built: no node reachable, or a
+                # password refused, is an outage or refused credentials, not a bad URL.
+                lost = exc.__cause__
+                if not isinstance(
+                    lost, redis.ConnectionError | redis.TimeoutError | redis.AuthenticationError
+                ):
+                    # The parsers' errors may quote a piece of the URL.
+                    why = redact(str(exc), settings.url, url)
+                    raise ConfigurationError(f"result_backend {shown!r}: {why}") from None
+            if client is None:
+                # Raised here, outside the handler, so that no chain loops back.
+                assert isinstance(lost, redis.RedisError)
+                with redis_errors("connect to the cluster", settings.url):
+                    raise lost
             _clients[ident] = client
     return client
 
@@ -500,7 +516,9 @@ def redis_errors(
     try:
         yield
     # Every message names the URL masked; what redis-py says is redacted of its secrets.
-    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+    except redis.AuthenticationError as exc:
+        raise _refused(where, url, exc) from exc
+    except redis.exceptions.NoPermissionError as exc:
         said = redact(str(exc), url)
         raise AccessDeniedError(
             f"{where}: Redis at {mask_url(url)} refused access: {said}"
@@ -513,11 +531,11 @@ def redis_errors(
         tls = _tls_failure(exc)
         said = redact(str(exc if tls is None else tls), url)
         if tls is not None:
-            raise AccessDeniedError(
-                f"{where}: the TLS handshake with {mask_url(url)} failed: {said}"
+            raise CredentialsRefusedError(
+                f"{where}: the TLS handshake with {mask_url(url)} failed: {said}{_tls_hint(tls)}"
             ) from exc
         raise BackendUnavailableError(
-            f"{where}: Redis at {mask_url(url)} is unavailable: {said}"
+            f"{where}: Redis at {mask_url(url)} is unavailable: {said}{_tls_hint(exc)}"
         ) from exc
     except RedisClusterException as exc:
         # Not a RedisError: no node of the cluster could be reached to learn its slots.
@@ -537,7 +555,9 @@ def redis_errors(
             raise BackendUnavailableError(
                 f"{where}: Redis at {mask_url(url)} is changing its topology: {text}"
             ) from exc
-        if code.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
+        if code.startswith(("WRONGPASS", "NOAUTH")):
+            raise _refused(where, url, exc) from exc
+        if code.startswith("NOPERM"):
             raise AccessDeniedError(
                 f"{where}: Redis at {mask_url(url)} refused access: {text}"
             ) from exc
@@ -557,6 +577,43 @@ def _not_a_cluster_url(where: str, url: str, redirection: redis.exceptions.AskEr
         "not a cluster URL. Use perkey+cluster://host:port,host:port/0, naming one or "
         "more of the cluster's nodes."
     )
+
+
+#: How servers word NOAUTH, for redis-py versions that do not keep the error's code.
+_NOAUTH_TEXTS = ("NOAUTH", "Authentication required", "HELLO must be called with the client")
+
+
+def _refused(where: str, url: str, exc: redis.RedisError) -> CredentialsRefusedError:
+    """Our own words for credentials the server refused, or wants and did not get."""
+    shown = mask_url(url)
+    text = redact(str(exc), url)
+    if getattr(exc, "status_code", None) == "NOAUTH" or text.startswith(_NOAUTH_TEXTS):
+        return CredentialsRefusedError(
+            f"{where}: Redis at {shown} requires a password, and none was given; give one "
+            "in the URL (perkey://:password@host:6379/0, or user:password@) or in "
+            "redis_password"
+        )
+    return CredentialsRefusedError(
+        f"{where}: Redis at {shown} refused the password (or user) given: {text}"
+    )
+
+
+def _tls_hint(exc: BaseException) -> str:
+    """A hint when a TLS handshake failed the way it does with a server that does not
+    speak TLS: no answer to it at all, or an answer that is no TLS."""
+    seen: BaseException | None = exc
+    walked: set[int] = set()
+    while seen is not None and id(seen) not in walked:
+        walked.add(id(seen))
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return ""
+        frames = traceback.extract_tb(seen.__traceback__)
+        if isinstance(seen, ssl.SSLError) or (
+            isinstance(seen, TimeoutError) and frames and frames[-1].name == "do_handshake"
+        ):
+            return " (does the server speak TLS? a rediss:// URL needs a TLS port)"
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 def _tls_failure(exc: BaseException) -> BaseException | None:

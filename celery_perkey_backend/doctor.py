@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 
 import redis
 
-from .errors import BackendUnavailableError, PerkeyError
-from .stats import collect_stats
+from .errors import BackendUnavailableError, CredentialsRefusedError, PerkeyError
+from .stats import collect_stats, human_bytes
 from .store import ResultStore
 from .sweep import HasStore, store_of
 from .waiting import MAX_BLOCK, block_cap
@@ -314,7 +314,8 @@ def _eviction(server: Server, expires: bool) -> Verdict:
         )
     return Verdict(
         "danger",
-        f"maxmemory-policy is {policy} with maxmemory {limit}: the server evicts {what}",
+        f"maxmemory-policy is {policy} with maxmemory {human_bytes(limit)}: the server "
+        f"evicts {what}",
         details,
     )
 
@@ -324,8 +325,11 @@ def _memory(server: Server) -> Verdict:
     limit = int(server.field("memory", "maxmemory"))
     details = {"used_memory": used, "maxmemory": limit}
     if not limit:
-        return Verdict("ok", f"no maxmemory set; used_memory {used}", details)
-    text = f"used_memory {used} is {_share(used, limit)} of maxmemory {limit}"
+        return Verdict("ok", f"no maxmemory set; used_memory {human_bytes(used)}", details)
+    text = (
+        f"used_memory {human_bytes(used)} is {_share(used, limit)} of maxmemory "
+        f"{human_bytes(limit)}"
+    )
     if used >= FULL * limit:
         return Verdict("danger", text, details)
     if used >= NEAR * limit:
@@ -581,6 +585,8 @@ def diagnose(target: ResultStore | HasStore, sample_limit: int = 100_000) -> Rep
     ------
     BackendUnavailableError
         If no server can be reached at all.
+    CredentialsRefusedError
+        If a server refuses the password or user (or wants one), or the TLS handshake.
     """
     store = store_of(target)
     settings = store.settings
@@ -591,8 +597,10 @@ def diagnose(target: ResultStore | HasStore, sample_limit: int = 100_000) -> Rep
             server.info("server")
         except BackendUnavailableError as exc:
             lost.append(exc)
+        except CredentialsRefusedError:
+            raise  # not let in at all (password, TLS): no rule could read anything
         except PerkeyError:
-            pass  # refused, not unreachable: the rules will say what they cannot read
+            pass  # a command refused (NOPERM): the rules will say what they cannot read
     if len(lost) == len(servers):
         raise lost[0]
     pool = settings.connection_options.get("max_connections")

@@ -15,6 +15,7 @@ __all__ = [
     "BackendUnavailableError",
     "ConfigurationError",
     "CorruptResultError",
+    "CredentialsRefusedError",
     "InvalidIdError",
     "PerkeyError",
     "PoolExhaustedError",
@@ -59,6 +60,11 @@ class AccessDeniedError(PerkeyError):
 
     Never retried: trying again cannot help, and would look like an outage.
     """
+
+
+class CredentialsRefusedError(AccessDeniedError):
+    """The server would not let us in at all: a wrong or missing password or user, or a
+    TLS handshake that failed. Nothing can be read until the settings change."""
 
 
 class StoreCommandError(PerkeyError):

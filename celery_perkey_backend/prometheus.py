@@ -7,8 +7,9 @@ counts read at that moment. So a counter never goes backwards, whichever pool pr
 swept, however many there are, and whichever worker is scraped; and a gauge shows every
 label each time (a kind whose keys are gone reads 0).
 
-- **Port** (``perkey_prometheus_port``): the main process of each ``celery worker``
-  serves the metrics from the moment it starts; its pool processes never listen. A
+- **Port** (``perkey_prometheus_port``, on ``perkey_prometheus_addr``: all interfaces
+  unless set): the main process of each ``celery worker`` serves the metrics from the
+  moment it starts; its pool processes never listen. A
   second worker on the same host finds the port taken, says so once, and carries on: the
   process already listening serves the same figures.
 - **Textfile** (``perkey_prometheus_textfile``): the sweeping process rewrites the file
@@ -24,6 +25,7 @@ warning, and the rest is shown. Recording never fails a sweep whose work is done
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -398,27 +400,39 @@ def _locked(path: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-_serving: dict[int, Any] = {}
+_serving: dict[tuple[str, int], Any] = {}
 
 
-def serve(store: ResultStore, port: int) -> bool:
-    """Serve the metrics on ``port`` from this process (once); False if it is taken.
+def serve(store: ResultStore, port: int, addr: str | None = None) -> bool:
+    """Serve the metrics on ``addr:port`` from this process (once); False if it cannot.
 
-    A taken port is no error: another process of this host serves the same figures.
+    ``addr`` defaults to ``perkey_prometheus_addr`` (all interfaces unless set). A taken
+    port is no error: another process of this host serves the same figures. An address
+    this host cannot listen on is logged as the error it is.
     """
-    if port in _serving:
+    addr = store.settings.prometheus_addr if addr is None else addr
+    if (addr, port) in _serving:
         return True
     from prometheus_client import start_http_server
 
     try:
-        _serving[port] = start_http_server(port, registry=_registry(store))
+        _serving[addr, port] = start_http_server(port, addr=addr, registry=_registry(store))
     except OSError as exc:
-        logger.warning(
-            "perkey: Prometheus port %d is taken (%s); the process listening there "
-            "serves the same figures, which live in Redis",
-            port,
-            exc,
-        )
+        if exc.errno == errno.EADDRINUSE:
+            logger.warning(
+                "perkey: Prometheus port %d is taken (%s); the process listening there "
+                "serves the same figures, which live in Redis",
+                port,
+                exc,
+            )
+        else:
+            logger.error(
+                "perkey: cannot serve Prometheus metrics on %s port %d (%s); check "
+                "perkey_prometheus_addr, an address of this host",
+                addr,
+                port,
+                exc,
+            )
         return False
     return True
 

@@ -10,6 +10,7 @@ and not at 04:00 when the sweep first runs. Field names carry their units.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import re
 import sys
@@ -56,6 +57,7 @@ PERKEY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "perkey_sweep_lock_ttl": 60.0,
         "perkey_sweep_memory_samples": 100,
         "perkey_prometheus_port": None,
+        "perkey_prometheus_addr": "0.0.0.0",
         "perkey_prometheus_textfile": None,
         "perkey_prometheus_refresh": 15.0,
         "perkey_multiplex": "auto",
@@ -289,6 +291,7 @@ class Settings:
     sweep_lock_ttl_s: float
     sweep_memory_samples: int
     prometheus_port: int | None
+    prometheus_addr: str
     prometheus_textfile: str | None
     prometheus_refresh_s: float
     multiplex: bool | None
@@ -422,6 +425,9 @@ class Settings:
             prometheus_port=None
             if port is None
             else parse_count(port, "perkey_prometheus_port", 1),
+            prometheus_addr=_listen_address(
+                own("perkey_prometheus_addr"), "perkey_prometheus_addr"
+            ),
             prometheus_textfile=None if textfile is None else str(textfile),
             prometheus_refresh_s=max(
                 0.1, parse_duration(own("perkey_prometheus_refresh"), "perkey_prometheus_refresh")
@@ -431,6 +437,29 @@ class Settings:
             connection_options=MappingProxyType(connection),
             transport_options=MappingProxyType(dict(transport)),
         )
+
+
+#: A host name: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def _listen_address(value: Any, name: str) -> str:
+    """An address to listen on: an IPv4 or IPv6 address (``[::1]`` or ``::1``), or a
+    host name; ``0.0.0.0`` (or ``::``) is every interface."""
+    text = value.strip() if isinstance(value, str) else ""
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        # A name's last label is never all digits: 256.1.1.1 is a bad address, no name.
+        last = bare.rstrip(".").rpartition(".")[2]
+        if bare == text and len(bare) <= 253 and _HOST_NAME.match(bare) and not last.isdigit():
+            return bare
+    raise _bad(
+        name,
+        value,
+        "an IP address of this host (0.0.0.0 for all interfaces, 127.0.0.1, ::) or a host name",
+    )
 
 
 def _require_prometheus(setting: str) -> None:

@@ -26,7 +26,7 @@ from .legacy import LegacyCounts, count_legacy
 from .store import ResultStore
 from .sweep import HasStore, key_batches, stalled_chords, store_of
 
-__all__ = ["TTL_BUCKETS", "UNEXPECTED_LISTED", "KeyStats", "collect_stats"]
+__all__ = ["TTL_BUCKETS", "UNEXPECTED_LISTED", "KeyStats", "collect_stats", "human_bytes"]
 
 #: How many names of keys of an unexpected type ``stats()`` lists (all are counted).
 UNEXPECTED_LISTED = 20
@@ -39,6 +39,16 @@ TTL_BUCKETS: tuple[tuple[str, float], ...] = (
     ("<7d", 604800.0),
     (">=7d", float("inf")),
 )
+
+
+def human_bytes(size: float) -> str:
+    """``1536`` as ``1.5 KiB``: sizes an operator reads at a glance (``stats``, ``doctor``)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    step = 0
+    while size >= 1024 and step < len(units) - 1:
+        size /= 1024
+        step += 1
+    return f"{size:.0f} B" if step == 0 else f"{size:.1f} {units[step]}"
 
 
 @dataclass

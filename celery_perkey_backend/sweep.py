@@ -164,7 +164,8 @@ class SweepSummary:
     duration: float = 0.0
     skipped_locked: bool = False
     dry_run: bool = False
-    planned: list[tuple[str, str]] = field(default_factory=list)
+    planned: list[tuple[str, str]] = field(default_factory=list)  # the first PLAN_LIMIT
+    planned_total: int = 0  # every action a dry run would take; more than listed past the limit
     chords_stalled: int = 0
     chords_repaired: int = 0
     chords_settled: int = 0
@@ -411,7 +412,10 @@ def _batch(
         summary.unlinked += actions.count("u")
         if options.dry_run:
             for index, action in zip(part.indexes, actions, strict=True):
-                if action != "." and len(summary.planned) < PLAN_LIMIT:
+                if action == ".":
+                    continue
+                summary.planned_total += 1
+                if len(summary.planned) < PLAN_LIMIT:
                     summary.planned.append(("ttl" if action == "t" else "unlink", batch[index]))
     return held, page
 
@@ -439,6 +443,7 @@ def _chords(
     for group_id in stalled_chords(store, node, batch):
         summary.chords_stalled += 1
         if options.dry_run:
+            summary.planned_total += 1
             if len(summary.planned) < PLAN_LIMIT:
                 summary.planned.append(("repair", store.layout.chord_keys(group_id).claim))
             continue

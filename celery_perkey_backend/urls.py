@@ -247,7 +247,8 @@ def to_redis_url(url: str | None, shown: str | None = None) -> str:
     Raises
     ------
     ConfigurationError
-        If the scheme is not one we can connect with.
+        If the scheme is not one we can connect with, or a port or a database (of any
+        node) is not a number.
     """
     if not url:
         return DEFAULT_URL
@@ -277,4 +278,43 @@ def to_redis_url(url: str | None, shown: str | None = None) -> str:
                 )
             pairs.append((key, value))
         converted = _unsplit(parts.scheme, parts.netloc, parts.path, urlencode(pairs))
+    _check_numbers(converted, target, named, shown or url)
     return converted
+
+
+def _check_numbers(converted: str, target: str, named: str, written: str) -> None:
+    """Refuse a port or a database that is not a number, in every node of the URL.
+
+    redis-py would take a database ``/abc`` for database 0, and finds a bad port only
+    when it first connects; Celery's ``redis://`` backend refuses both as it is built.
+
+    Raises
+    ------
+    ConfigurationError
+        Naming the masked URL and the value (redacted of the URL's secrets).
+    """
+    sep = _NODE_SEPARATORS.get(target, "")
+    for node in converted.split(sep) if sep else [converted]:
+        if "://" not in node:
+            node = f"{target}://{node}"
+        parts = urlsplit(node)
+        if target != "unix":
+            try:
+                parts.port  # noqa: B018 (it raises for a port that is not one)
+            except ValueError:
+                port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+                raise ConfigurationError(
+                    f"result_backend {named!r}: the port {redact(repr(port), written)} is "
+                    "not a number from 0 to 65535"
+                ) from None
+            db = unquote(parts.path).strip("/")
+            if db and not (db.isascii() and db.isdigit()):
+                raise ConfigurationError(
+                    f"result_backend {named!r}: the database {redact(repr(db), written)} "
+                    "is not a number; write it as the path, e.g. /0"
+                )
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key == "db" and not (value.isascii() and value.isdigit()):
+                raise ConfigurationError(
+                    f"result_backend {named!r}: db={redact(repr(value), written)} is not a number"
+                )

@@ -173,7 +173,7 @@ def test_memory_headroom(configured: Any) -> None:
     fill_to(0.92)
     code, findings = check(app)
     assert findings["memory-headroom"]["severity"] == "danger"
-    assert "of maxmemory 10485760" in findings["memory-headroom"]["finding"]
+    assert "of maxmemory 10.0 MiB" in findings["memory-headroom"]["finding"]
     assert code == 6
 
 

@@ -95,15 +95,18 @@ def forms(p1: int, p2: int, s1: int | None = None, s2: int | None = None) -> dic
     return {
         "password": Form(f"perkey://:sekPlain@{h1}/0", ["sekPlain"], [h1]),
         "user-password": Form(f"perkey://sec-user:sekUser@{h1}/0", ["sekUser"], [h1, "sec-user"]),
-        "slash": Form(f"perkey://:sekSl1/sekSl2@{h1}/0", ["sekSl1/sekSl2"], [h1]),
-        "question-mark": Form(f"perkey://:sekQm1?sekQm2@{h1}/0", ["sekQm1?sekQm2"], [h1]),
-        "hash": Form(f"perkey://:sekHa1#sekHa2@{h1}/0", ["sekHa1#sekHa2"], [h1]),
+        "slash": Form(f"perkey://:sekSl1/sekSl2@{h1}/0", ["sekSl1/sekSl2"], [h1], refused=True),
+        "question-mark": Form(
+            f"perkey://:sekQm1?sekQm2@{h1}/0", ["sekQm1?sekQm2"], [h1], refused=True
+        ),
+        "hash": Form(f"perkey://:sekHa1#sekHa2@{h1}/0", ["sekHa1#sekHa2"], [h1], refused=True),
         "at": Form(f"perkey://:sekAt1@sekAt2@{h1}/0", ["sekAt1@sekAt2"], [h1]),
         "colon": Form(f"perkey://u:sekCo1:sekCo2@{h1}/0", ["sekCo1:sekCo2"], [h1]),
         "all-specials": Form(
             f"perkey://u:sekAl1@sekAl2/sekAl3?sekAl4#sekAl5:sekAl6@{h1}/0",
             ["sekAl1@sekAl2/sekAl3?sekAl4#sekAl5:sekAl6"],
             [h1],
+            refused=True,
         ),
         "query-password": Form(
             f"perkey://{h1}/0?password=sekQp&socket_keepalive=true", ["sekQp"], [h1, "keepalive"]
@@ -135,6 +138,7 @@ def forms(p1: int, p2: int, s1: int | None = None, s2: int | None = None) -> dic
             f"perkey+cluster://:sekCs1/sekCs2@{h1},:sekCs3@sekCs4@{h2}/0",
             ["sekCs1/sekCs2", "sekCs3@sekCs4"],
             [h1, h2],
+            refused=True,
         ),
     }
 
@@ -222,11 +226,16 @@ def everything_fails(app: Any) -> Iterator[tuple[str, Callable[[], object]]]:
 
 
 def every_command_fails(
-    app: Any, secrets: list[str], hosts: list[str], caplog: pytest.LogCaptureFixture
+    app: Any,
+    secrets: list[str],
+    hosts: list[str],
+    caplog: pytest.LogCaptureFixture,
+    code: int = 3,
 ) -> None:
-    """Each command fails naming the hosts, never a secret. ``metrics`` reports
-    ``perkey_up 0`` and logs why, as a scrape would; ``doctor`` reports what it could
-    not read where the server answers."""
+    """Each command fails with exit ``code`` (3 an outage, 8 a configuration error)
+    naming the hosts, never a secret. ``metrics`` reports ``perkey_up 0`` and logs why,
+    as a scrape would; ``doctor`` reports what it could not read where the server
+    answers."""
     for command in COMMANDS:
         caplog.clear()
         done = run_cli(app, *command)
@@ -235,11 +244,11 @@ def every_command_fails(
             assert "perkey_up 0.0" in done.output
             assert_hidden(done.output, secrets)
             assert_hidden(caplog.text, secrets, hosts)
-        elif command == ["doctor"] and done.exit_code != 3:
+        elif command == ["doctor"] and done.exit_code != code:
             assert "cannot be read" in done.output, done.output
             assert_hidden(done.output, secrets, hosts)
         else:
-            assert done.exit_code == 3, (command, done.output)
+            assert done.exit_code == code, (command, done.output)
             assert_hidden(done.output, secrets, hosts)
 
 
@@ -262,7 +271,7 @@ def test_repr_errors_logs_and_every_command_of_an_unreachable_server(
         assert_hidden(shown(refused.value), form.secrets, form.hosts)
         for command in COMMANDS:
             done = run_cli(app, *command)
-            assert done.exit_code == 3, (command, done.output)
+            assert done.exit_code == 8, (command, done.output)  # a configuration error
             assert_hidden(done.output, form.secrets, form.hosts)
         return
     assert_hidden(repr(app.backend), form.secrets, form.hosts)
@@ -280,7 +289,9 @@ def test_repr_errors_logs_and_every_command_of_an_unreachable_server(
                 continue
             assert isinstance(info.value, (BackendUnavailableError, ConfigurationError)), what
             assert_hidden(shown(info.value), form.secrets, form.hosts, what)
-        every_command_fails(app, form.secrets, form.hosts, caplog)
+        # An option redis-py rejects as it connects is a configuration error too.
+        code = 8 if name == "bad-option" else 3
+        every_command_fails(app, form.secrets, form.hosts, caplog, code)
     assert_hidden(caplog.text, form.secrets)
 
 
@@ -332,7 +343,7 @@ def test_a_wrong_password_of_url_characters_is_never_shown(
             with pytest.raises(AccessDeniedError) as info:
                 call()
             assert_hidden(shown(info.value), [WRONG], [host], what)
-        every_command_fails(app, [WRONG], [host], caplog)
+        every_command_fails(app, [WRONG], [host], caplog, 8)
     assert_hidden(caplog.text, [WRONG])
 
 
@@ -369,5 +380,5 @@ def test_celerys_multi_sentinel_form_never_shows_a_password(
             with pytest.raises(AccessDeniedError) as info:
                 call()
             assert_hidden(shown(info.value), [WRONG], hosts, what)
-        every_command_fails(wrong, [WRONG], hosts, caplog)
+        every_command_fails(wrong, [WRONG], hosts, caplog, 8)
     assert_hidden(caplog.text, [SENTINEL_GOOD, WRONG])

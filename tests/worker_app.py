@@ -33,6 +33,8 @@ if os.environ.get("PERKEY_TEST_LEGACY_FALLBACK"):
     app.conf.perkey_legacy_fallback = os.environ["PERKEY_TEST_LEGACY_FALLBACK"]
 if os.environ.get("PERKEY_TEST_PROMETHEUS_PORT"):
     app.conf.perkey_prometheus_port = int(os.environ["PERKEY_TEST_PROMETHEUS_PORT"])
+if os.environ.get("PERKEY_TEST_PROMETHEUS_ADDR"):
+    app.conf.perkey_prometheus_addr = os.environ["PERKEY_TEST_PROMETHEUS_ADDR"]
 if os.environ.get("PERKEY_TEST_PROMETHEUS_TEXTFILE"):
     app.conf.perkey_prometheus_textfile = os.environ["PERKEY_TEST_PROMETHEUS_TEXTFILE"]
     app.conf.perkey_prometheus_refresh = 0.3
