@@ -1,4 +1,4 @@
-.PHONY: test lint example matrix bench
+.PHONY: test lint example matrix bench package
 test:
 	python3 dev.py test
 lint:
@@ -9,3 +9,5 @@ matrix:
 	python3 dev.py matrix
 bench:
 	python3 dev.py bench
+package:
+	python3 dev.py package

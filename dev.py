@@ -9,6 +9,8 @@
     python3 dev.py bench      # the benchmarks: docs/benchmarks/results.md and plots
     python3 dev.py load       # the 100,000-task load runs; adds their figures to
                               # docs/reliability.md
+    python3 dev.py package    # build the sdist and wheel, twine check them, and
+                              # smoke-test the wheel in a fresh venv
 
 Each creates ``.venv`` on first use and installs what it needs there.
 """
@@ -166,6 +168,50 @@ def load(python: Path) -> None:
     print(f"added to docs/reliability.md:\n{lines}")
 
 
+#: The extras the package smoke test installs with the wheel and checks the imports of.
+PACKAGE_EXTRAS = "prometheus,hiredis,server,testing"
+
+
+def package(python: Path) -> None:
+    """Build the sdist and wheel, check them, and smoke-test the wheel in a fresh venv.
+
+    All of it happens in a temporary directory, removed afterwards: the build runs on a
+    copy of the checkout (setuptools leaves ``build/`` and ``*.egg-info`` beside the
+    sources it builds), and ``tests/package_smoke.py`` runs from an empty directory with
+    the new venv's Python, so the package can only be imported from the wheel.
+    """
+    import tempfile
+    import time
+
+    def step(*args: str | os.PathLike[str], cwd: Path) -> None:
+        print("+", " ".join(str(a) for a in args), flush=True)
+        env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+        subprocess.run([str(a) for a in args], cwd=cwd, env=env, check=True)
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="perkey-package-") as tmp:
+        work = Path(tmp)
+        source, dist, smoke, env_dir = (work / name for name in ("source", "dist", "smoke", "venv"))
+        skip = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info",
+                                      "__pycache__", ".*_cache", ".coverage*")  # fmt: skip
+        shutil.copytree(ROOT, source, ignore=skip)
+        # An sdist, then the wheel built from that sdist: a file missing from the sdist
+        # is missing from the wheel too, and the smoke test finds it.
+        step(python, "-m", "build", "--quiet", "--outdir", dist, source, cwd=work)
+        built = sorted(dist.iterdir())
+        step(python, "-m", "twine", "check", "--strict", *built, cwd=work)
+        wheel = next(path for path in built if path.suffix == ".whl")
+        venv.EnvBuilder(with_pip=True).create(env_dir)
+        target = env_dir / BIN.name / "python"
+        step(target, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             f"{wheel}[{PACKAGE_EXTRAS}]", cwd=work)  # fmt: skip
+        smoke.mkdir()
+        shutil.copy(ROOT / "tests" / "package_smoke.py", smoke)
+        lua = sorted(path.name for path in (ROOT / "celery_perkey_backend" / "lua").glob("*.lua"))
+        step(target, "package_smoke.py", *lua, cwd=smoke)
+    print(f"package: built, checked and smoke-tested in {time.monotonic() - started:.0f} s")
+
+
 def lint(python: Path) -> None:
     run(python, "-m", "ruff", "check", ".")
     run(python, "-m", "ruff", "format", "--check", ".")
@@ -194,11 +240,15 @@ def main(argv: list[str]) -> int:
         load(ensure_env("dev"))
     elif command == "lint":
         lint(ensure_env("dev"))
+    elif command == "package":
+        package(ensure_env("dev"))
     elif command == "example":
         python = ensure_env("example")
         run(python, ROOT / "examples" / "run.py", *rest)
     else:
-        sys.exit(f"unknown command {command!r}; use test, lint, matrix, bench, load or example")
+        sys.exit(
+            f"unknown command {command!r}; use test, lint, matrix, bench, load, package or example"
+        )
     return 0
 
 
