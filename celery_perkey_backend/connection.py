@@ -160,11 +160,20 @@ class _Bounded:
         except BaseException:
             # redis-py drops the socket after a RedisError only. Any other error (a
             # credential provider's own) would leave it connected and unauthenticated,
-            # to be taken for a ready connection by the next command.
+            # to be taken for a ready connection by the next command, which would then
+            # run as the server's default user.
             self.disconnect()  # type: ignore[attr-defined]
             raise
         finally:
             self._perkey_connecting = False
+
+    def on_connect(self) -> None:
+        # What older redis-py (5.0) calls instead of on_connect_check_health.
+        try:
+            super().on_connect()  # type: ignore[misc]
+        except BaseException:
+            self.disconnect()  # type: ignore[attr-defined]
+            raise
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         if "timeout" not in kwargs:
