@@ -30,6 +30,7 @@ from celery_perkey_backend.testing import (
 )
 
 from .conftest import wait_until
+from .test_tls import pki, tls_proxy  # noqa: F401 - fixtures, taken by name below
 
 USER = "parity-user"
 
@@ -253,6 +254,31 @@ def test_blocked_waits_survive_a_password_rotation_and_reconnect_with_the_new_on
         r.acl_deluser(USER)
 
 
+@pytest.mark.parametrize("over", ["unix", "tls"])
+def test_the_provider_logs_in_over_a_unix_socket_and_tls(
+    over: str, request: pytest.FixtureRequest, make_app: Any, r: redis.Redis, server: Any
+) -> None:
+    password = uuid.uuid4().hex
+    _make_user(r, password)
+    try:
+        if over == "unix":
+            url = f"perkey+unix://{server.unix_socket}?db=0"
+        else:
+            proxy = request.getfixturevalue("tls_proxy")
+            ca = request.getfixturevalue("pki")["ca"]
+            url = (
+                f"perkey+rediss://127.0.0.1:{proxy.port}/0"
+                f"?ssl_cert_reqs=CERT_REQUIRED&ssl_ca_certs={ca}"
+            )
+        provider = RotatingProvider(password)
+        app = make_app(backend=url, redis_backend_credential_provider=provider)
+        assert _roundtrip(app, f"{over}-{uuid.uuid4().hex}", over) == over
+        assert provider.calls >= 1
+        assert app.backend.client.acl_whoami() == USER
+    finally:
+        r.acl_deluser(USER)
+
+
 @pytest.mark.parametrize("topology", ["cluster", "sentinel"])
 def test_the_provider_logs_in_to_a_cluster_and_through_sentinels(
     topology: str, make_app: Any
@@ -309,11 +335,15 @@ def test_a_listed_error_is_retried_like_a_lost_connection(
     assert provider.calls >= 2
 
 
-def test_a_listed_error_is_retried_in_a_wait_too(make_app: Any, server: Any, secret: str) -> None:
+@pytest.mark.parametrize("multiplex", [False, True], ids=["own-connection", "multiplexed"])
+def test_a_listed_error_is_retried_in_a_wait_too(
+    multiplex: bool, make_app: Any, server: Any, secret: str
+) -> None:
     provider = FlakyProvider(secret, TokenServiceDown)
     app = make_app(
         redis_backend_credential_provider=provider,
         result_backend_transport_options={"additional_connection_errors": [TokenServiceDown]},
+        perkey_multiplex=multiplex,
     )
     task_id = f"listed-wait-{uuid.uuid4().hex}"
     writer = make_app()
