@@ -10,6 +10,7 @@ Adopted by configuration alone::
 from __future__ import annotations
 
 import functools
+import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -52,11 +53,30 @@ class JoinPrefetch:
     """The results one thread's callers hold but have not collected yet (a result set
     registers its members through ``then()``), so that the first ``get()`` of a
     ``join()`` reads them all in one round trip. Only SUCCESSes are kept for later:
-    they are final, so they cannot go stale."""
+    they are final, so they cannot go stale.
+
+    Each thread has its own: with ``result_backend_thread_safe`` Celery shares one
+    backend among the app's threads, and the results a thread holds stay its own.
+    """
 
     def __init__(self) -> None:
-        self.pending: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-        self.kept: dict[str, Meta] = {}
+        self._local = threading.local()
+
+    @property
+    def pending(self) -> weakref.WeakValueDictionary[str, Any]:
+        """This thread's results not collected yet, by task id."""
+        found: weakref.WeakValueDictionary[str, Any] | None = getattr(self._local, "pending", None)
+        if found is None:
+            found = self._local.pending = weakref.WeakValueDictionary()
+        return found
+
+    @property
+    def kept(self) -> dict[str, Meta]:
+        """This thread's SUCCESSes read along, not asked for yet."""
+        found: dict[str, Meta] | None = getattr(self._local, "kept", None)
+        if found is None:
+            found = self._local.kept = {}
+        return found
 
     def others(self, task_id: str) -> list[str]:
         """The other pending ids, at most :data:`PREFETCH_LIMIT` with ``task_id``; what

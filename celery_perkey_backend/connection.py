@@ -14,6 +14,7 @@ whatever the server does, so no single command can hold a wait past its deadline
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import random
 import ssl
@@ -57,6 +58,7 @@ __all__ = [
     "bounded_by",
     "client_for",
     "deadline_in_force",
+    "driver_options",
     "node_client",
     "primaries",
     "redis_errors",
@@ -157,8 +159,23 @@ class _Bounded:
         self._perkey_connecting = True
         try:
             return super().on_connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            # redis-py drops the socket after a RedisError only. Any other error (a
+            # credential provider's own) would leave it connected and unauthenticated,
+            # to be taken for a ready connection by the next command, which would then
+            # run as the server's default user.
+            self.disconnect()  # type: ignore[attr-defined]
+            raise
         finally:
             self._perkey_connecting = False
+
+    def on_connect(self) -> None:
+        # What older redis-py (5.0) calls instead of on_connect_check_health.
+        try:
+            super().on_connect()  # type: ignore[misc]
+        except BaseException:
+            self.disconnect()  # type: ignore[attr-defined]
+            raise
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         if "timeout" not in kwargs:
@@ -278,8 +295,36 @@ class QueueingSentinelPool(_Queueing, SentinelConnectionPool):
     """redis-py's Sentinel pool, queueing for a free connection instead of failing."""
 
 
-_clients: dict[tuple[str, str, str], redis.Redis] = {}
+_clients: dict[tuple[str, str, str, int], redis.Redis] = {}
 _clients_lock = threading.Lock()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def driver_options() -> dict[str, Any]:
+    """How our connections name the library (``CLIENT SETINFO lib-name``/``lib-ver``).
+
+    As Celery 5.7 names its own (``redis-py(celery_v5.7.0)``), with this package beside
+    it: ``redis-py(celery_v5.7.0;celery-perkey-backend_v0.1.0)``, and redis-py's version.
+    A redis-py with ``DriverInfo`` takes one; older ones ``lib_name`` and ``lib_version``. A
+    server older than 7.2, or an ACL user without ``client|setinfo``, refuses the
+    command; redis-py ignores that.
+    """
+    ours = ("celery-perkey-backend", _version("celery-perkey-backend"))
+    celery = ("celery", _version("celery"))
+    try:
+        from redis import DriverInfo  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        drivers = ";".join(f"{name}_v{version}" for name, version in (celery, ours))
+        return {"lib_name": f"redis-py({drivers})", "lib_version": redis.__version__}
+    # The most recently added comes first.
+    info = DriverInfo().add_upstream_driver(*ours).add_upstream_driver(*celery)
+    return {"driver_info": info}
 
 
 def client_for(settings: Settings) -> redis.Redis:
@@ -298,10 +343,18 @@ def client_for(settings: Settings) -> redis.Redis:
         If a cluster, which is reached as its client is built, cannot be reached, or
         refuses the password.
     """
-    url, options = settings.redis_url, settings.connection_options
+    url, options = settings.redis_url, dict(settings.connection_options)
     transport = settings.transport_options
     shown = mask_url(settings.url)
-    ident = (url, repr(sorted(options.items())), repr(sorted(transport.items())))
+    # Providers are told apart by identity: a provider's repr need not differ from
+    # another's, and the cached client keeps its provider alive, so no id is reused.
+    provider = options.pop("credential_provider", None)
+    ident = (
+        url,
+        repr(sorted(options.items())),
+        repr(sorted(transport.items())),
+        0 if provider is None else id(provider),
+    )
     with _clients_lock:
         client = _clients.get(ident)
         if client is None:
@@ -333,6 +386,7 @@ def _build(settings: Settings) -> redis.Redis:
     # redis_backend_use_ssl: the TLS options came with the settings.
     tls = options.pop("ssl", False) or url.startswith("rediss://")
     options["retry"] = _NO_RETRY
+    options.update(driver_options())
     queue_timeout = RetryPolicy(settings.retry).budget_s()
     if url.startswith("cluster://"):
         nodes, auth = _hosts(url, ",")
@@ -357,7 +411,11 @@ def _build(settings: Settings) -> redis.Redis:
         if not master:
             raise ValueError("a sentinel:// backend needs master_name in its transport options")
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            nodes, sentinel_kwargs=_sentinel_kwargs(transport, options), **auth, **options
+            nodes,
+            min_other_sentinels=int(transport.get("min_other_sentinels") or 0),
+            sentinel_kwargs=_sentinel_kwargs(transport, options),
+            **auth,
+            **options,
         )
         for client in sentinel.sentinels:
             # Discovery runs while connecting, under the deadline in force: bounded.
@@ -407,7 +465,7 @@ def _sentinel_kwargs(transport: Mapping[str, Any], options: dict[str, Any]) -> d
     given = transport.get("sentinel_kwargs")
     if given is None:
         given = {key: value for key, value in options.items() if key.startswith("socket_")}
-    return {**given, "retry": _NO_RETRY}
+    return {**driver_options(), **given, "retry": _NO_RETRY}
 
 
 def _hosts(url: str, separator: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
@@ -481,7 +539,11 @@ def blocking_call(client: redis.Redis, key: str, seconds: float, *args: Any) -> 
 
 @contextmanager
 def redis_errors(
-    where: str, url: str, key: str | None = None, cluster: bool = False
+    where: str,
+    url: str,
+    key: str | None = None,
+    cluster: bool = False,
+    also: tuple[type[Exception], ...] = (),
 ) -> Iterator[None]:
     """Translate redis-py exceptions into this package's, naming what failed.
 
@@ -497,6 +559,9 @@ def redis_errors(
         Whether the URL is a cluster URL. On one, a redirection (MOVED, ASK) is a slot
         that moves: retried. Otherwise the server is a node of a cluster that the URL
         does not describe: no retry can help.
+    also:
+        More errors that mean a lost connection (the transport option
+        ``additional_connection_errors``): retried, as :data:`RETRYABLE` are.
 
     Raises
     ------
@@ -525,6 +590,11 @@ def redis_errors(
         ) from exc
     except MaxConnectionsError as exc:
         raise PoolExhaustedError(f"{where}: {exc}") from exc
+    except also as exc:
+        said = redact(f"{type(exc).__name__}: {exc}", url)
+        raise BackendUnavailableError(
+            f"{where}: Redis at {mask_url(url)} is unavailable: {said}"
+        ) from exc
     except RETRYABLE as exc:
         if isinstance(exc, redis.exceptions.AskError) and not cluster:
             raise ConfigurationError(_not_a_cluster_url(where, url, exc)) from exc

@@ -10,15 +10,20 @@ and not at 04:00 when the sweep first runs. Field names carry their units.
 from __future__ import annotations
 
 import difflib
+import importlib
 import ipaddress
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from redis.credentials import CredentialProvider
 
 from .errors import ConfigurationError
 from .urls import CERT_REQS, display_url, to_redis_url
@@ -298,6 +303,15 @@ class Settings:
     socket_timeout_s: float | None
     connection_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     transport_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: Errors retried like a lost connection besides redis-py's own (the transport
+    #: option ``additional_connection_errors``).
+    connection_errors: tuple[type[Exception], ...] = ()
+
+    @property
+    def credential_provider(self) -> CredentialProvider | None:
+        """The provider every connection asks for its username and password, if any."""
+        provider: CredentialProvider | None = self.connection_options.get("credential_provider")
+        return provider
 
     @property
     def chord_result_expires_s(self) -> float | None:
@@ -343,13 +357,14 @@ class Settings:
             Naming the first setting that is wrong, its value and the accepted forms.
         """
         _reject_unknown(conf)
+        _refuse_unread(conf)
 
         def own(name: str) -> Any:
             value = conf.get(name)
             return PERKEY_DEFAULTS[name] if value is None else value
 
         shown = display_url(conf.get("result_backend"), url)
-        redis_url = to_redis_url(url, shown)
+        redis_url, from_url = _take_query_arg(to_redis_url(url, shown), "credential_provider")
         transport = conf.get("result_backend_transport_options") or {}
         if not isinstance(transport, Mapping):
             raise _bad("result_backend_transport_options", transport, "a dict")
@@ -376,6 +391,16 @@ class Settings:
                 "perkey_prometheus_textfile" if textfile else "perkey_prometheus_port"
             )
         connection, socket_timeout = _connection_options(conf)
+        provider = (
+            _credential_provider(from_url, "result_backend URL argument credential_provider")
+            if from_url
+            else _credential_provider(
+                conf.get("redis_backend_credential_provider"), "redis_backend_credential_provider"
+            )
+        )
+        if provider is not None:
+            _no_password_beside(provider, connection, redis_url)
+            connection["credential_provider"] = provider
         return cls(
             url=shown,
             redis_url=redis_url,
@@ -436,6 +461,7 @@ class Settings:
             socket_timeout_s=socket_timeout,
             connection_options=MappingProxyType(connection),
             transport_options=MappingProxyType(dict(transport)),
+            connection_errors=_connection_errors(transport.get("additional_connection_errors")),
         )
 
 
@@ -460,6 +486,22 @@ def _listen_address(value: Any, name: str) -> str:
         value,
         "an IP address of this host (0.0.0.0 for all interfaces, 127.0.0.1, ::) or a host name",
     )
+
+
+#: Settings of Celery's Redis backend this backend does not read, and why.
+_NOT_READ = {
+    "redis_host": "the host comes from the result_backend URL (perkey://host:port/db)",
+    "redis_port": "the port comes from the result_backend URL (perkey://host:port/db)",
+    "redis_db": "the database comes from the result_backend URL (perkey://host:port/db)",
+}
+
+
+def _refuse_unread(conf: Mapping[str, Any]) -> None:
+    """A Celery Redis-backend setting that is set here but not read: refuse it, saying
+    where its value goes instead, rather than ignore it."""
+    for name, why in _NOT_READ.items():
+        if conf.get(name) is not None:
+            raise ConfigurationError(f"{name}={conf[name]!r} is not read: {why}; remove it")
 
 
 def _require_prometheus(setting: str) -> None:
@@ -602,3 +644,153 @@ def _connection_options(conf: Mapping[str, Any]) -> tuple[dict[str, Any], float 
             options["ssl_cert_reqs"] = CERT_REQS.get(reqs.lower(), reqs)
         options["ssl"] = True
     return options, socket_timeout
+
+
+def _imported(path: str) -> Any:
+    """What a dotted path names, as Celery's ``symbol_by_name`` reads it:
+    ``package.module.Name`` or ``package.module:Name``.
+
+    Raises
+    ------
+    ImportError, AttributeError, ValueError
+        If the module or the name is not there, or the path has no module part.
+    """
+    module, sep, attribute = path.partition(":")
+    if not sep:
+        module, _, attribute = path.rpartition(".")
+    if not module or not attribute:
+        raise ValueError("not a dotted path to a name in a module")
+    found: Any = importlib.import_module(module)
+    for part in attribute.split("."):
+        found = getattr(found, part)
+    return found
+
+
+#: The accepted forms of a credential provider, named when one is wrong.
+_PROVIDER_FORMS = (
+    "a redis.credentials.CredentialProvider instance, its class, or the dotted path of "
+    "the class (e.g. 'myproject.auth.IAMProvider')"
+)
+
+#: Providers made from a class or a dotted path, one per class or path in the process:
+#: every backend of the process then shares one provider, and so one client pool.
+_made_providers: dict[Hashable, CredentialProvider] = {}
+_made_lock = threading.Lock()
+
+
+def _credential_provider(value: Any, name: str) -> CredentialProvider | None:
+    """The provider ``redis_backend_credential_provider`` (or the URL argument) names.
+
+    As in Celery: a dotted path is imported and called with no arguments; an instance is
+    used as it is. A class is called with no arguments too. The one made from a path or
+    a class is made once per process.
+
+    Raises
+    ------
+    ConfigurationError
+        If the path cannot be imported, or what it names (or the value) is not a
+        ``CredentialProvider``, or making one failed.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, CredentialProvider):
+        return value
+    if not isinstance(value, str | type):
+        raise _bad(name, value, _PROVIDER_FORMS)
+    with _made_lock:
+        made = _made_providers.get(value)
+        if made is not None:
+            return made
+        target: Any = value
+        if isinstance(value, str):
+            try:
+                target = _imported(value)
+            except (ImportError, AttributeError, ValueError) as exc:
+                raise _bad(name, value, _PROVIDER_FORMS, f"cannot import it: {exc}") from None
+        if isinstance(target, CredentialProvider):
+            made = target
+        elif isinstance(target, type) and issubclass(target, CredentialProvider):
+            try:
+                made = target()
+            except Exception as exc:  # the user's own constructor
+                why = f"{target.__qualname__}() failed: {type(exc).__name__}: {exc}"
+                raise _bad(name, value, _PROVIDER_FORMS, why) from None
+        else:
+            raise _bad(name, value, _PROVIDER_FORMS, f"{target!r} is not a CredentialProvider")
+        _made_providers[value] = made
+        return made
+
+
+#: A username or password in the URL: ``scheme://user:password@host``.
+_USERINFO = re.compile(r"://[^/?#@]*@")
+
+
+def _no_password_beside(
+    provider: CredentialProvider, options: Mapping[str, Any], redis_url: str
+) -> None:
+    """Refuse a username or password given beside a credential provider.
+
+    redis-py refuses both together; Celery drops the username and password silently.
+    Here the one that would never be used is named, so it can be removed.
+    """
+    given = [name for name in ("username", "password") if options.get(name)]
+    if given:
+        settings = " and ".join(f"redis_{name}" for name in given)
+        raise ConfigurationError(
+            f"{settings} and redis_backend_credential_provider are both set; the provider "
+            f"({type(provider).__qualname__}) gives the username and password: remove {settings}"
+        )
+    if _USERINFO.search(redis_url):
+        raise ConfigurationError(
+            "result_backend holds a username or password, and a credential provider "
+            f"({type(provider).__qualname__}) is set, which gives them: remove them from the URL"
+        )
+
+
+def _take_query_arg(url: str, name: str) -> tuple[str, str | None]:
+    """``url`` without its query argument ``name``, and that argument's value."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, None
+    pairs = parse_qsl(query, keep_blank_values=True)
+    found = [value for key, value in pairs if key == name]
+    if not found:
+        return url, None
+    rest = urlencode([(key, value) for key, value in pairs if key != name])
+    return (f"{base}?{rest}" if rest else base), found[-1]
+
+
+_ERRORS_FORMS = "an exception class, its dotted path, or a list of them"
+
+
+def _connection_errors(value: Any) -> tuple[type[Exception], ...]:
+    """The classes of ``additional_connection_errors`` (a transport option).
+
+    Celery takes a class, a dotted path or a list of them, and logs and skips an entry
+    it cannot use; here such an entry fails instead, naming it.
+
+    Raises
+    ------
+    ConfigurationError
+        If an entry cannot be imported or is not an exception class.
+    """
+    name = "result_backend_transport_options['additional_connection_errors']"
+    if value is None:
+        return ()
+    entries = [value] if isinstance(value, str | type) else value
+    try:
+        entries = list(entries)
+    except TypeError:
+        raise _bad(name, value, _ERRORS_FORMS) from None
+    found: list[type[Exception]] = []
+    for entry in entries:
+        target = entry
+        if isinstance(entry, str):
+            try:
+                target = _imported(entry)
+            except (ImportError, AttributeError, ValueError) as exc:
+                raise _bad(name, entry, _ERRORS_FORMS, f"cannot import it: {exc}") from None
+        if not (isinstance(target, type) and issubclass(target, Exception)):
+            raise _bad(name, entry, _ERRORS_FORMS, "not an exception class")
+        found.append(target)
+    return tuple(found)

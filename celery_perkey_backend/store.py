@@ -207,7 +207,10 @@ class ResultStore:
 
     def errors(self, where: str, key: str | None = None) -> Any:
         """A context that turns redis-py errors into this package's, naming ``where``."""
-        return redis_errors(where, self.settings.url, key, cluster=self.settings.is_cluster)
+        settings = self.settings
+        return redis_errors(
+            where, settings.url, key, cluster=settings.is_cluster, also=settings.connection_errors
+        )
 
     # -- running commands -------------------------------------------------------------
 
