@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import random
 import ssl
 import threading
@@ -226,13 +227,19 @@ class _Queueing:
     max_connections: int
     queue_timeout: float | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    freed: threading.Condition
+    trimmer: threading.Timer | None
+
+    def reset(self) -> None:
+        """redis-py's reset, which it also runs in a forked child before the child's
+        first command: the child gets a lock of its own, not one another thread of the
+        parent may have held at the fork (it would wait for it forever)."""
+        super().reset()  # type: ignore[misc]
         self.freed = threading.Condition()
         self.in_use = 0
         self.busy_until = 0.0  # when more than TRIM_FLOOR were last in use
         self.burst = False  # more than TRIM_FLOOR were in use since the last trim
-        self.trimmer: threading.Timer | None = None
+        self.trimmer = None
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         deadline = _deadline.get()
@@ -297,6 +304,17 @@ class QueueingSentinelPool(_Queueing, SentinelConnectionPool):
 
 _clients: dict[tuple[str, str, str, int], redis.Redis] = {}
 _clients_lock = threading.Lock()
+
+
+def _fresh_clients_lock() -> None:
+    """In a forked child: a lock of its own (another thread of the parent may have held
+    this one at the fork, and would never release it here)."""
+    global _clients_lock
+    _clients_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_clients_lock)
 
 
 def _version(distribution: str) -> str:

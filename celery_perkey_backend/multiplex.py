@@ -634,6 +634,18 @@ _multiplexers: dict[tuple[int, int], Multiplexer] = {}
 _registry_lock = threading.Lock()
 
 
+def _fresh_registry() -> None:
+    """In a forked child: no multiplexer of the parent's (their threads did not come
+    along; a wait there starts one of its own), and a lock of its own."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _multiplexers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_registry)
+
+
 def multiplexer_for(store: ResultStore) -> Multiplexer:
     """The process's multiplexer for the store's client (a new one after a fork, or
     after the last one stopped)."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -240,3 +244,41 @@ def test_a_server_error_inside_a_pipeline_is_classified_by_its_code(
         topology = r"changing its topology.*read only replica"
         with pytest.raises(BackendUnavailableError, match=topology):
             app.backend.store_result("t1", 1, states.SUCCESS)
+
+
+def test_a_child_forked_while_a_thread_holds_the_pool_reads_all_the_same(
+    make_app: Any,
+) -> None:
+    """A prefork worker forks its pool processes while other threads of its main process
+    work (the Prometheus writer, a trimmer): a lock of the pool held at that moment
+    must not be the child's, or its first command waits for it forever."""
+    app = make_app()
+    app.backend.store_result("t1", "read in the child", states.SUCCESS)
+    pool = app.backend.client.connection_pool
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with pool.freed:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: read, and say how it went by the exit code
+        try:
+            ok = app.AsyncResult("t1").get(timeout=10) == "read in the child"
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    release.set()
+    holder.join()
+    end = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < end:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the child waited forever for a lock its parent held at the fork")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
